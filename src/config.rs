@@ -1,0 +1,935 @@
+//! TOML -> validated [`Config`].
+//!
+//! Every value is checked here, before anything touches the kernel. Errors name the file, the
+//! line and the key, and say what is wrong (`etp.toml:14: route[0].ports: ...`).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::model::{FwMark, PortRange, Proto, TableId, COMMENT_MAX};
+
+/// Where etp looks for its config when `-c` is not given.
+pub const DEFAULT_PATH: &str = "/etc/etp/etp.toml";
+/// The embedded default config (the demo runs on it).
+pub const EMBEDDED_DEFAULT: &str = include_str!("../deploy/etp.default.toml");
+
+pub const DEFAULT_PORT: u16 = 15001;
+pub const DEFAULT_OUTBOUND_PORT: u16 = 4140;
+pub const DEFAULT_PROXY_UID: u32 = 2102;
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15002";
+/// Marks live in bits 12-13, clear of kube-proxy (0x4000, 0x8000), Calico (0xffff0000),
+/// Cilium (0x0f00) and Istio (0x111, 0x539).
+pub const DEFAULT_MARK_MASK: u32 = 0x3000;
+pub const DEFAULT_TPROXY_MARK: u32 = 0x1000;
+pub const DEFAULT_OWN_MARK: u32 = 0x2000;
+pub const DEFAULT_HANDOFF_MARK: u32 = 0x3000;
+/// Outside Calico's default route table range (1-250) and the kernel's reserved ids.
+pub const DEFAULT_ROUTE_TABLE: u32 = 15001;
+/// Before the `main` table's rule (32766).
+pub const DEFAULT_RULE_PRIORITY: u32 = 30100;
+/// The rtnetlink protocol number that tags etp's ip rules and routes.
+pub const ROUTE_PROTOCOL: u8 = 231;
+pub const DEFAULT_DRAIN_SECONDS: u64 = 20;
+pub const DEFAULT_RESYNC_SECONDS: u64 = 30;
+pub const DEFAULT_PID_FILE: &str = "/run/etp/etp.pid";
+pub const DEFAULT_MAX_TCP_FLOWS: usize = 65536;
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
+pub const DEFAULT_TCP_IDLE_SECONDS: u64 = 3600;
+pub const DEFAULT_UDP_IDLE_SECONDS: u64 = 30;
+pub const DEFAULT_MAX_UDP_FLOWS: usize = 16384;
+pub const DEFAULT_UDP_QUEUE: usize = 128;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where it came from (a path or `<embedded default>`), for messages.
+    pub source: String,
+    pub listener: Listener,
+    pub linkerd: Linkerd,
+    pub admin: Admin,
+    pub bypass: Bypass,
+    pub kernel: Kernel,
+    pub daemon: Daemon,
+    pub limits: Limits,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub port: u16,
+    pub ipv6: bool,
+    pub local: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Linkerd {
+    pub outbound_port: u16,
+    pub proxy_uid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bypass {
+    pub destinations: Vec<IpNetwork>,
+    pub ports: Vec<PortRange>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kernel {
+    pub mark_mask: FwMark,
+    pub tproxy_mark: FwMark,
+    pub own_mark: FwMark,
+    pub handoff_mark: FwMark,
+    pub route_table: TableId,
+    pub rule_priority: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Daemon {
+    pub drain_timeout: Duration,
+    pub resync_interval: Duration,
+    pub pid_file: PathBuf,
+    /// Keep the ruleset in place on shutdown so that intercepted traffic is refused while etp is
+    /// down (fail-closed); the default removes it so traffic flows directly (fail-open).
+    pub fail_closed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_tcp_flows: usize,
+    pub connect_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
+    pub udp_idle_timeout: Duration,
+    pub max_udp_flows: usize,
+    pub udp_queue: usize,
+}
+
+/// What happens to a flow a route selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Hand the TCP flow to the Linkerd proxy's outbound listener, original destination intact.
+    Linkerd,
+    /// Connect to the original destination.
+    Direct,
+    /// Connect to a fixed address.
+    Forward(SocketAddr),
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Linkerd => f.write_str("linkerd"),
+            Action::Direct => f.write_str("direct"),
+            Action::Forward(a) => write!(f, "forward {a}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub name: String,
+    pub protocols: Vec<Proto>,
+    pub destinations: Vec<IpNetwork>,
+    pub ports: Vec<PortRange>,
+    pub sources: Vec<IpNetwork>,
+    pub action: Action,
+    /// `direct` only: connect upstream from the client's own address (transparent bind).
+    pub preserve_source: bool,
+}
+
+impl Route {
+    /// The comment on this route's rules; `nft list ruleset` shows it.
+    pub fn comment(&self, proto: Proto) -> String {
+        format!("etp route {}: {} -> {}", self.name, proto, self.action)
+    }
+}
+
+/// A config that cannot be used; `Display` gives `FILE:LINE: KEY: PROBLEM`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: {key}: {msg}")]
+    Invalid {
+        file: String,
+        line: usize,
+        key: String,
+        msg: String,
+    },
+}
+
+impl Config {
+    /// Loads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// The embedded default config.
+    pub fn embedded() -> Config {
+        Config::parse(EMBEDDED_DEFAULT, "<embedded default>")
+            .expect("the embedded default config is valid (unit-tested)")
+    }
+
+    /// Parses and validates `text`; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+        let cx = Cx { text, file: source };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| cx.line(s.start)).unwrap_or(0);
+            let msg = e.message().trim().to_string();
+            ConfigError::Invalid {
+                file: source.to_string(),
+                line,
+                key: key_from_message(&msg),
+                msg,
+            }
+        })?;
+        raw.validate(&cx)
+    }
+}
+
+/// serde's messages for unknown keys name the key; everything else is "toml".
+fn key_from_message(msg: &str) -> String {
+    msg.split('`')
+        .nth(1)
+        .filter(|_| msg.starts_with("unknown field"))
+        .unwrap_or("toml")
+        .to_string()
+}
+
+struct Cx<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl Cx<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err(
+        &self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line: self.line(span.start),
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+type S<T> = Spanned<T>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listener: RawListener,
+    #[serde(default)]
+    linkerd: RawLinkerd,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    bypass: RawBypass,
+    #[serde(default)]
+    kernel: RawKernel,
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    route: Vec<S<RawRoute>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    port: Option<S<i64>>,
+    ipv6: Option<bool>,
+    local: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLinkerd {
+    outbound_port: Option<S<i64>>,
+    proxy_uid: Option<S<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    address: Option<S<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBypass {
+    destinations: Option<Vec<S<String>>>,
+    ports: Option<Vec<S<RawPort>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKernel {
+    mark_mask: Option<S<i64>>,
+    tproxy_mark: Option<S<i64>>,
+    own_mark: Option<S<i64>>,
+    handoff_mark: Option<S<i64>>,
+    route_table: Option<S<i64>>,
+    rule_priority: Option<S<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    drain_seconds: Option<S<i64>>,
+    resync_seconds: Option<S<i64>>,
+    pid_file: Option<String>,
+    fail_closed: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_tcp_flows: Option<S<i64>>,
+    connect_timeout_ms: Option<S<i64>>,
+    tcp_idle_seconds: Option<S<i64>>,
+    udp_idle_seconds: Option<S<i64>>,
+    max_udp_flows: Option<S<i64>>,
+    udp_queue: Option<S<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: S<String>,
+    protocols: Option<S<Vec<S<String>>>>,
+    destinations: Option<S<Vec<S<String>>>>,
+    ports: Option<S<Vec<S<RawPort>>>>,
+    sources: Option<Vec<S<String>>>,
+    action: S<String>,
+    forward_to: Option<S<String>>,
+    preserve_source: Option<S<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPort {
+    Num(i64),
+    Range(String),
+}
+
+impl RawConfig {
+    fn validate(self, cx: &Cx<'_>) -> Result<Config, ConfigError> {
+        let port = int(
+            cx,
+            self.listener.port,
+            "listener.port",
+            DEFAULT_PORT as i64,
+            1,
+            65535,
+        )? as u16;
+        let listener = Listener {
+            port,
+            ipv6: self.listener.ipv6.unwrap_or(true),
+            local: self.listener.local.unwrap_or(false),
+        };
+        let outbound_span = self.linkerd.outbound_port.as_ref().map(|s| s.span());
+        let linkerd = Linkerd {
+            outbound_port: int(
+                cx,
+                self.linkerd.outbound_port,
+                "linkerd.outbound_port",
+                DEFAULT_OUTBOUND_PORT as i64,
+                1,
+                65535,
+            )? as u16,
+            proxy_uid: int(
+                cx,
+                self.linkerd.proxy_uid,
+                "linkerd.proxy_uid",
+                DEFAULT_PROXY_UID as i64,
+                0,
+                u32::MAX as i64 - 1,
+            )? as u32,
+        };
+        if linkerd.outbound_port == listener.port {
+            return Err(cx.err(
+                outbound_span.unwrap_or(0..0),
+                "linkerd.outbound_port",
+                format!(
+                    "{} is also listener.port: the hand-off would loop back into etp",
+                    listener.port
+                ),
+            ));
+        }
+        let admin = match self.admin.address {
+            None => Admin {
+                address: DEFAULT_ADMIN.parse().expect("valid default"),
+            },
+            Some(a) => {
+                let span = a.span();
+                let address: SocketAddr = a.into_inner().parse().map_err(|_| {
+                    cx.err(
+                        span.clone(),
+                        "admin.address",
+                        "expected IP:PORT, e.g. \"127.0.0.1:15002\"",
+                    )
+                })?;
+                if address.port() == listener.port || address.port() == linkerd.outbound_port {
+                    return Err(cx.err(
+                        span,
+                        "admin.address",
+                        format!(
+                            "port {} is taken by the listener or Linkerd's outbound port",
+                            address.port()
+                        ),
+                    ));
+                }
+                Admin { address }
+            }
+        };
+        let bypass = Bypass {
+            destinations: cidrs(
+                cx,
+                self.bypass.destinations.unwrap_or_default(),
+                "bypass.destinations",
+            )?,
+            ports: ports(cx, self.bypass.ports.unwrap_or_default(), "bypass.ports")?,
+        };
+        let kernel = self.kernel.validate(cx)?;
+        let daemon = Daemon {
+            drain_timeout: Duration::from_secs(int(
+                cx,
+                self.daemon.drain_seconds,
+                "daemon.drain_seconds",
+                DEFAULT_DRAIN_SECONDS as i64,
+                0,
+                3600,
+            )? as u64),
+            resync_interval: Duration::from_secs(int(
+                cx,
+                self.daemon.resync_seconds,
+                "daemon.resync_seconds",
+                DEFAULT_RESYNC_SECONDS as i64,
+                1,
+                86400,
+            )? as u64),
+            pid_file: PathBuf::from(
+                self.daemon
+                    .pid_file
+                    .unwrap_or_else(|| DEFAULT_PID_FILE.to_string()),
+            ),
+            fail_closed: self.daemon.fail_closed.unwrap_or(false),
+        };
+        let l = self.limits;
+        let limits = Limits {
+            max_tcp_flows: int(
+                cx,
+                l.max_tcp_flows,
+                "limits.max_tcp_flows",
+                DEFAULT_MAX_TCP_FLOWS as i64,
+                1,
+                10_000_000,
+            )? as usize,
+            connect_timeout: Duration::from_millis(int(
+                cx,
+                l.connect_timeout_ms,
+                "limits.connect_timeout_ms",
+                DEFAULT_CONNECT_TIMEOUT_MS as i64,
+                1,
+                600_000,
+            )? as u64),
+            tcp_idle_timeout: Duration::from_secs(int(
+                cx,
+                l.tcp_idle_seconds,
+                "limits.tcp_idle_seconds",
+                DEFAULT_TCP_IDLE_SECONDS as i64,
+                1,
+                7 * 86400,
+            )? as u64),
+            udp_idle_timeout: Duration::from_secs(int(
+                cx,
+                l.udp_idle_seconds,
+                "limits.udp_idle_seconds",
+                DEFAULT_UDP_IDLE_SECONDS as i64,
+                1,
+                86400,
+            )? as u64),
+            max_udp_flows: int(
+                cx,
+                l.max_udp_flows,
+                "limits.max_udp_flows",
+                DEFAULT_MAX_UDP_FLOWS as i64,
+                1,
+                10_000_000,
+            )? as usize,
+            udp_queue: int(
+                cx,
+                l.udp_queue,
+                "limits.udp_queue",
+                DEFAULT_UDP_QUEUE as i64,
+                1,
+                65536,
+            )? as usize,
+        };
+        let mut routes = Vec::new();
+        let mut names = HashSet::new();
+        for (i, r) in self.route.into_iter().enumerate() {
+            let span = r.span();
+            let name_span = r.get_ref().name.span();
+            let route = r.into_inner().validate(cx, i, span, &listener)?;
+            if !names.insert(route.name.clone()) {
+                return Err(cx.err(
+                    name_span,
+                    format!("route[{i}].name"),
+                    format!("duplicate route name {:?}: names label rules and metrics and must be unique", route.name),
+                ));
+            }
+            routes.push(route);
+        }
+        Ok(Config {
+            source: cx.file.to_string(),
+            listener,
+            linkerd,
+            admin,
+            bypass,
+            kernel,
+            daemon,
+            limits,
+            routes,
+        })
+    }
+}
+
+impl RawKernel {
+    fn validate(self, cx: &Cx<'_>) -> Result<Kernel, ConfigError> {
+        let max = u32::MAX as i64;
+        let span_of = |s: &Option<S<i64>>| s.as_ref().map(|s| s.span()).unwrap_or(0..0);
+        let spans = [
+            span_of(&self.tproxy_mark),
+            span_of(&self.own_mark),
+            span_of(&self.handoff_mark),
+        ];
+        let mask_span = span_of(&self.mark_mask);
+        let mask = int(
+            cx,
+            self.mark_mask,
+            "kernel.mark_mask",
+            DEFAULT_MARK_MASK as i64,
+            1,
+            max,
+        )? as u32;
+        let tproxy = int(
+            cx,
+            self.tproxy_mark,
+            "kernel.tproxy_mark",
+            DEFAULT_TPROXY_MARK as i64,
+            1,
+            max,
+        )? as u32;
+        let own = int(
+            cx,
+            self.own_mark,
+            "kernel.own_mark",
+            DEFAULT_OWN_MARK as i64,
+            1,
+            max,
+        )? as u32;
+        let handoff = int(
+            cx,
+            self.handoff_mark,
+            "kernel.handoff_mark",
+            DEFAULT_HANDOFF_MARK as i64,
+            1,
+            max,
+        )? as u32;
+        let named = [
+            ("kernel.tproxy_mark", tproxy),
+            ("kernel.own_mark", own),
+            ("kernel.handoff_mark", handoff),
+        ];
+        for (i, (key, v)) in named.iter().enumerate() {
+            if v & !mask != 0 {
+                return Err(cx.err(
+                    spans[i].clone(),
+                    *key,
+                    format!("{v:#x} has bits outside kernel.mark_mask {mask:#x}"),
+                ));
+            }
+            for (other, w) in named.iter().take(i) {
+                if v == w {
+                    return Err(cx.err(
+                        spans[i].clone(),
+                        *key,
+                        format!("{v:#x} overlaps {other}: etp's marks must differ under kernel.mark_mask"),
+                    ));
+                }
+            }
+        }
+        if mask.count_ones() < 2 {
+            return Err(cx.err(
+                mask_span,
+                "kernel.mark_mask",
+                "needs at least 2 bits to hold three distinct marks",
+            ));
+        }
+        let table_span = span_of(&self.route_table);
+        let table = int(
+            cx,
+            self.route_table,
+            "kernel.route_table",
+            DEFAULT_ROUTE_TABLE as i64,
+            1,
+            max - 1,
+        )? as u32;
+        if matches!(table, 253..=255) {
+            return Err(cx.err(
+                table_span,
+                "kernel.route_table",
+                format!("{table} is reserved by the kernel (253 default, 254 main, 255 local)"),
+            ));
+        }
+        let prio = int(
+            cx,
+            self.rule_priority,
+            "kernel.rule_priority",
+            DEFAULT_RULE_PRIORITY as i64,
+            1,
+            32765,
+        )? as u32;
+        Ok(Kernel {
+            mark_mask: FwMark(mask),
+            tproxy_mark: FwMark(tproxy),
+            own_mark: FwMark(own),
+            handoff_mark: FwMark(handoff),
+            route_table: TableId(table),
+            rule_priority: prio,
+        })
+    }
+}
+
+impl RawRoute {
+    fn validate(
+        self,
+        cx: &Cx<'_>,
+        i: usize,
+        span: Range<usize>,
+        listener: &Listener,
+    ) -> Result<Route, ConfigError> {
+        let key = |k: &str| format!("route[{i}].{k}");
+        let name_span = self.name.span();
+        let name = self.name.into_inner();
+        if name.is_empty()
+            || !name.starts_with(|c: char| c.is_ascii_alphabetic())
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(cx.err(
+                name_span.clone(),
+                key("name"),
+                format!("{name:?}: use letters, digits, '_' and '-', starting with a letter"),
+            ));
+        }
+        let protocols = match self.protocols {
+            None => {
+                return Err(cx.err(
+                    span,
+                    key("protocols"),
+                    "missing: list \"tcp\", \"udp\" or both",
+                ))
+            }
+            Some(p) => {
+                let pspan = p.span();
+                let mut out = Vec::new();
+                for s in p.into_inner() {
+                    let sp = s.span();
+                    let proto = match s.into_inner().as_str() {
+                        "tcp" => Proto::Tcp,
+                        "udp" => Proto::Udp,
+                        other => {
+                            return Err(cx.err(
+                                sp,
+                                key("protocols"),
+                                format!("{other:?}: expected \"tcp\" or \"udp\""),
+                            ))
+                        }
+                    };
+                    if !out.contains(&proto) {
+                        out.push(proto);
+                    }
+                }
+                if out.is_empty() {
+                    return Err(cx.err(
+                        pspan,
+                        key("protocols"),
+                        "empty: list \"tcp\", \"udp\" or both",
+                    ));
+                }
+                out.sort();
+                out
+            }
+        };
+        let destinations = match self.destinations {
+            None => {
+                return Err(cx.err(
+                    span,
+                    key("destinations"),
+                    "missing: a route needs at least one CIDR",
+                ))
+            }
+            Some(d) => {
+                let dspan = d.span();
+                let v = cidrs(cx, d.into_inner(), &key("destinations"))?;
+                if v.is_empty() {
+                    return Err(cx.err(
+                        dspan,
+                        key("destinations"),
+                        "empty: a route needs at least one CIDR",
+                    ));
+                }
+                if !listener.ipv6 && v.iter().all(|n| n.is_ipv6()) {
+                    return Err(cx.err(
+                        dspan,
+                        key("destinations"),
+                        "only IPv6 destinations, but listener.ipv6 = false: the route would never match",
+                    ));
+                }
+                v
+            }
+        };
+        let ports = match self.ports {
+            None => {
+                return Err(cx.err(
+                    span,
+                    key("ports"),
+                    "missing: a route needs at least one port or range",
+                ))
+            }
+            Some(p) => {
+                let pspan = p.span();
+                let v = ports(cx, p.into_inner(), &key("ports"))?;
+                if v.is_empty() {
+                    return Err(cx.err(
+                        pspan,
+                        key("ports"),
+                        "empty: a route needs at least one port or range",
+                    ));
+                }
+                v
+            }
+        };
+        let sources = cidrs(cx, self.sources.unwrap_or_default(), &key("sources"))?;
+        let aspan = self.action.span();
+        let action_name = self.action.into_inner();
+        let forward_to = match self.forward_to {
+            None => None,
+            Some(f) => {
+                let fspan = f.span();
+                let text = f.into_inner();
+                let addr: SocketAddr = text.parse().map_err(|_| {
+                    cx.err(
+                        fspan.clone(),
+                        key("forward_to"),
+                        format!(
+                            "{text:?}: expected IP:PORT, e.g. \"10.0.0.10:53\" or \"[fd00::a]:53\""
+                        ),
+                    )
+                })?;
+                if addr.port() == 0 {
+                    return Err(cx.err(fspan, key("forward_to"), "port 0 is not a destination"));
+                }
+                Some((addr, fspan))
+            }
+        };
+        let action = match action_name.as_str() {
+            "linkerd" => {
+                if protocols.contains(&Proto::Udp) {
+                    return Err(cx.err(
+                        aspan,
+                        key("action"),
+                        "\"linkerd\" takes TCP only (Linkerd proxies no UDP): remove \"udp\" from protocols, or use \"direct\" or \"forward\" in a separate UDP route",
+                    ));
+                }
+                Action::Linkerd
+            }
+            "direct" => Action::Direct,
+            "forward" => match &forward_to {
+                Some((addr, _)) => Action::Forward(*addr),
+                None => {
+                    return Err(cx.err(
+                        aspan,
+                        key("forward_to"),
+                        "required with action = \"forward\"",
+                    ))
+                }
+            },
+            other => {
+                return Err(cx.err(
+                    aspan,
+                    key("action"),
+                    format!("{other:?}: expected \"linkerd\", \"direct\" or \"forward\""),
+                ))
+            }
+        };
+        if let (Some((_, fspan)), false) = (&forward_to, matches!(action, Action::Forward(_))) {
+            return Err(cx.err(
+                fspan.clone(),
+                key("forward_to"),
+                format!("only used with action = \"forward\", not {action_name:?}"),
+            ));
+        }
+        let preserve_source = match self.preserve_source {
+            None => false,
+            Some(p) => {
+                let v = *p.get_ref();
+                if v && action != Action::Direct {
+                    return Err(cx.err(
+                        p.span(),
+                        key("preserve_source"),
+                        "only applies to action = \"direct\"",
+                    ));
+                }
+                v
+            }
+        };
+        let route = Route {
+            name,
+            protocols,
+            destinations,
+            ports,
+            sources,
+            action,
+            preserve_source,
+        };
+        for proto in &route.protocols {
+            let c = route.comment(*proto);
+            if c.len() > COMMENT_MAX {
+                return Err(cx.err(
+                    name_span.clone(),
+                    key("name"),
+                    format!("too long: the rule comment {c:?} is {} bytes, nft comments hold {COMMENT_MAX}", c.len()),
+                ));
+            }
+        }
+        Ok(route)
+    }
+}
+
+/// An integer key with a default and inclusive bounds.
+fn int(
+    cx: &Cx<'_>,
+    v: Option<S<i64>>,
+    key: &str,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => {
+            let n = *s.get_ref();
+            if n < min || n > max {
+                Err(cx.err(s.span(), key, format!("{n} is out of range {min}..={max}")))
+            } else {
+                Ok(n)
+            }
+        }
+    }
+}
+
+fn cidrs(cx: &Cx<'_>, v: Vec<S<String>>, key: &str) -> Result<Vec<IpNetwork>, ConfigError> {
+    v.into_iter()
+        .map(|s| {
+            let span = s.span();
+            let text = s.into_inner();
+            parse_cidr(&text).map_err(|msg| cx.err(span, key, format!("{text:?}: {msg}")))
+        })
+        .collect()
+}
+
+/// Parses `A.B.C.D/N`, `X::/N` or a bare address (a /32 or /128). Host bits must be zero.
+pub fn parse_cidr(text: &str) -> Result<IpNetwork, String> {
+    let net: IpNetwork = if text.contains('/') {
+        text.parse().map_err(|e| format!("not a CIDR ({e})"))?
+    } else {
+        let ip: IpAddr = text
+            .parse()
+            .map_err(|_| "not an IP address or CIDR".to_string())?;
+        IpNetwork::from(ip)
+    };
+    if net.network() != net.ip() {
+        return Err(format!(
+            "host bits are set; did you mean {}/{}?",
+            net.network(),
+            net.prefix()
+        ));
+    }
+    Ok(net)
+}
+
+fn ports(cx: &Cx<'_>, v: Vec<S<RawPort>>, key: &str) -> Result<Vec<PortRange>, ConfigError> {
+    v.into_iter()
+        .map(|s| {
+            let span = s.span();
+            parse_port(s.get_ref()).map_err(|msg| cx.err(span, key, msg))
+        })
+        .collect()
+}
+
+fn parse_port(p: &RawPort) -> Result<PortRange, String> {
+    let one = |n: i64| -> Result<u16, String> {
+        if (1..=65535).contains(&n) {
+            Ok(n as u16)
+        } else {
+            Err(format!("port {n} is out of range 1..=65535"))
+        }
+    };
+    match p {
+        RawPort::Num(n) => one(*n).map(|p| PortRange { first: p, last: p }),
+        RawPort::Range(s) => {
+            let (a, b) = s.split_once('-').unwrap_or((s, s));
+            let parse = |t: &str| {
+                t.trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("{s:?}: expected a port or a range \"FIRST-LAST\""))
+            };
+            let (first, last) = (one(parse(a)?)?, one(parse(b)?)?);
+            if first > last {
+                return Err(format!(
+                    "{s:?}: reversed range (first {first} > last {last})"
+                ));
+            }
+            Ok(PortRange { first, last })
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! etp: a node-level TPROXY traffic router that hands flows to the Linkerd proxy.
+//!
+//! Layout (data flows one way; only the modules marked [edge] touch the kernel):
+//! - `config`   TOML -> validated `Config` (file:line:key errors)
+//! - `classify` (proto, src, orig dst) -> route; the order the ruleset encodes
+//! - `plan`     Config -> `model::Desired` (every policy decision)
+//! - `model`    the desired state as plain data; `Display` prints nft syntax
+//! - `nft`      Desired -> one netlink batch (`encode`), sent and audited by `apply` [edge]
+//! - `route`    ip rules and local routes over rtnetlink [edge]
+//! - `sys`      the socket options etp needs (the only `unsafe` outside nft FFI) [edge]
+//! - `tproxy`   transparent TCP/UDP listeners and their flows [edge]
+//! - `relay`    TCP byte copying, half-close, idle timeout
+//! - `daemon`   start order, reload, drain, resync; `admin` metrics and health
+
+pub mod classify;
+pub mod config;
+pub mod model;
+pub mod plan;

@@ -1,0 +1,484 @@
+//! The desired kernel state: plain data, no kernel access.
+//!
+//! `plan::plan()` builds a [`Desired`] from a config; `nft::encode` turns its [`Table`] into one
+//! netlink batch; `route` installs its [`IpRule`]s and [`LocalRoute`]s. Its `Display` prints the
+//! table in nft syntax (what `nft list table inet etp` shows, minus counters and handles), followed
+//! by the policy-routing entries as `#` comments, so that `nft -c -f` accepts the whole output.
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+
+/// A packet mark value or mask (`meta mark`, `SO_MARK`, `ip rule fwmark`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FwMark(pub u32);
+
+impl fmt::Display for FwMark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // nft prints marks as 8 hex digits.
+        write!(f, "0x{:08x}", self.0)
+    }
+}
+
+/// A policy-routing table id (`ip route ... table T`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableId(pub u32);
+
+impl fmt::Display for TableId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Address family of an address match, set or routing entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The nft keyword for this family's network header (`ip daddr`, `ip6 daddr`).
+    pub fn nft_keyword(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+}
+
+/// Transport protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// IANA protocol number (`meta l4proto`).
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => libc::IPPROTO_TCP as u8,
+            Proto::Udp => libc::IPPROTO_UDP as u8,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// An inclusive port range; `first == last` is a single port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// The elements of an interval set, already normalised by the planner: sorted, no duplicates,
+/// no overlaps (the kernel refuses overlapping intervals with EEXIST). Adjacent entries are kept
+/// apart, as `nft -f` keeps them, so that etp's batch and nft's agree element for element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetElems {
+    V4(Vec<Ipv4Network>),
+    V6(Vec<Ipv6Network>),
+    Ports(Vec<PortRange>),
+}
+
+impl SetElems {
+    pub fn len(&self) -> usize {
+        match self {
+            SetElems::V4(v) => v.len(),
+            SetElems::V6(v) => v.len(),
+            SetElems::Ports(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The nft key type (`type ipv4_addr`).
+    pub fn nft_type(&self) -> &'static str {
+        match self {
+            SetElems::V4(_) => "ipv4_addr",
+            SetElems::V6(_) => "ipv6_addr",
+            SetElems::Ports(_) => "inet_service",
+        }
+    }
+
+    /// Intervals as raw big-endian keys: `(start, end_exclusive)`; `None` as end means the
+    /// interval runs to the top of the key space (the kernel then gets no end element).
+    pub fn key_intervals(&self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        match self {
+            SetElems::V4(nets) => nets
+                .iter()
+                .map(|n| {
+                    let start = u32::from(n.network());
+                    let end = u32::from(n.broadcast()).checked_add(1);
+                    (
+                        start.to_be_bytes().to_vec(),
+                        end.map(|e| e.to_be_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+            SetElems::V6(nets) => nets
+                .iter()
+                .map(|n| {
+                    let start = u128::from(n.network());
+                    let end = u128::from(v6_last(n)).checked_add(1);
+                    (
+                        start.to_be_bytes().to_vec(),
+                        end.map(|e| e.to_be_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+            SetElems::Ports(ranges) => ranges
+                .iter()
+                .map(|r| {
+                    let end = r.last.checked_add(1);
+                    (
+                        r.first.to_be_bytes().to_vec(),
+                        end.map(|e| e.to_be_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The last address of an IPv6 network.
+pub fn v6_last(n: &Ipv6Network) -> Ipv6Addr {
+    let host_bits = 128 - u32::from(n.prefix());
+    let mask = if host_bits == 128 {
+        u128::MAX
+    } else {
+        (1u128 << host_bits) - 1
+    };
+    Ipv6Addr::from(u128::from(n.network()) | mask)
+}
+
+/// The last address of an IPv4 network.
+pub fn v4_last(n: &Ipv4Network) -> Ipv4Addr {
+    n.broadcast()
+}
+
+/// A named interval set in etp's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub name: String,
+    pub elems: SetElems,
+}
+
+/// Base chain hooks etp uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Prerouting,
+    Output,
+}
+
+/// Base chain types etp uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainType {
+    Filter,
+    Route,
+    Nat,
+}
+
+/// A base chain with its rules in evaluation order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    pub kind: ChainType,
+    pub hook: Hook,
+    pub priority: i32,
+    pub rules: Vec<Rule>,
+}
+
+/// One match of a rule. Encoders add the implicit dependencies nft adds (`meta nfproto` before
+/// an address match), so a rule prints back from the kernel exactly as `Display` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    /// `meta mark & MASK == VALUE`
+    Mark { mask: FwMark, value: FwMark },
+    /// `meta skuid UID`
+    SkUid(u32),
+    /// `ip daddr @SET` / `ip6 daddr @SET`
+    Daddr { family: Family, set: String },
+    /// `ip saddr @SET` / `ip6 saddr @SET`
+    Saddr { family: Family, set: String },
+    /// `meta l4proto tcp`
+    L4Proto(Proto),
+    /// `tcp dport @SET` (the rule holds `L4Proto` before it)
+    Dport { proto: Proto, set: String },
+    /// `socket transparent 1`
+    SocketTransparent,
+}
+
+/// What a rule does when all its matches hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// `return`
+    Return,
+    /// `meta mark set M accept`
+    MarkAccept(FwMark),
+    /// `tproxy ip to :PORT meta mark set M accept` (nft needs the family in an inet table once
+    /// the rule matches an address)
+    Tproxy {
+        family: Family,
+        port: u16,
+        mark: FwMark,
+    },
+    /// `meta mark set M` (output route chain: the changed mark makes the kernel reroute)
+    SetMark(FwMark),
+    /// `redirect to :PORT`
+    Redirect { port: u16 },
+}
+
+/// A rule: matches, a counter, a verdict and a comment naming what it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub verdict: Verdict,
+    /// At most [`COMMENT_MAX`] bytes (the kernel's userdata limit for comments).
+    pub comment: String,
+}
+
+/// Longest rule comment nft stores (NFTNL_UDATA_COMMENT_MAXLEN, including the NUL).
+pub const COMMENT_MAX: usize = 127;
+
+/// etp's one table (`table inet etp`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub name: String,
+    pub sets: Vec<Set>,
+    pub chains: Vec<Chain>,
+}
+
+/// `ip rule add fwmark MARK/MASK lookup TABLE priority PRIO proto PROTO`
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IpRule {
+    pub family: Family,
+    pub mark: FwMark,
+    pub mask: FwMark,
+    pub table: TableId,
+    pub priority: u32,
+    pub protocol: u8,
+}
+
+/// `ip route add local default dev lo table TABLE proto PROTO` (scope host for IPv4)
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LocalRoute {
+    pub family: Family,
+    pub table: TableId,
+    pub protocol: u8,
+}
+
+/// Everything etp wants the kernel to hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub table: Table,
+    pub ip_rules: Vec<IpRule>,
+    pub routes: Vec<LocalRoute>,
+}
+
+impl fmt::Display for Match {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Match::Mark { mask, value } => write!(f, "meta mark & {mask} == {value}"),
+            Match::SkUid(uid) => write!(f, "meta skuid {uid}"),
+            Match::Daddr { family, set } => write!(f, "{} daddr @{set}", family.nft_keyword()),
+            Match::Saddr { family, set } => write!(f, "{} saddr @{set}", family.nft_keyword()),
+            Match::L4Proto(p) => write!(f, "meta l4proto {p}"),
+            Match::Dport { proto, set } => write!(f, "{proto} dport @{set}"),
+            Match::SocketTransparent => f.write_str("socket transparent 1"),
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Return => f.write_str("return"),
+            Verdict::MarkAccept(m) => write!(f, "meta mark set {m} accept"),
+            Verdict::Tproxy { family, port, mark } => write!(
+                f,
+                "tproxy {} to :{port} meta mark set {mark} accept",
+                family.nft_keyword()
+            ),
+            Verdict::SetMark(m) => write!(f, "meta mark set {m}"),
+            Verdict::Redirect { port } => write!(f, "redirect to :{port}"),
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for m in &self.matches {
+            write!(f, "{m} ")?;
+        }
+        write!(f, "counter {} comment \"{}\"", self.verdict, self.comment)
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hook::Prerouting => "prerouting",
+            Hook::Output => "output",
+        })
+    }
+}
+
+impl fmt::Display for ChainType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ChainType::Filter => "filter",
+            ChainType::Route => "route",
+            ChainType::Nat => "nat",
+        })
+    }
+}
+
+impl fmt::Display for SetElems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn join<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> fmt::Result {
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(",\n\t\t\t     ")?;
+                }
+                write!(f, "{item}")?;
+            }
+            Ok(())
+        }
+        // nft prints a single address without its /32 or /128.
+        let host = |ip: String, prefix: u8, full: u8| {
+            if prefix == full {
+                ip
+            } else {
+                format!("{ip}/{prefix}")
+            }
+        };
+        match self {
+            SetElems::V4(v) => join(
+                f,
+                &v.iter()
+                    .map(|n| host(n.ip().to_string(), n.prefix(), 32))
+                    .collect::<Vec<_>>(),
+            ),
+            SetElems::V6(v) => join(
+                f,
+                &v.iter()
+                    .map(|n| host(n.ip().to_string(), n.prefix(), 128))
+                    .collect::<Vec<_>>(),
+            ),
+            SetElems::Ports(v) => join(f, v),
+        }
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "table inet {} {{", self.name)?;
+        for set in &self.sets {
+            writeln!(f, "\tset {} {{", set.name)?;
+            writeln!(f, "\t\ttype {}", set.elems.nft_type())?;
+            writeln!(f, "\t\tflags interval")?;
+            if !set.elems.is_empty() {
+                writeln!(f, "\t\telements = {{ {} }}", set.elems)?;
+            }
+            writeln!(f, "\t}}\n")?;
+        }
+        for (i, chain) in self.chains.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            writeln!(f, "\tchain {} {{", chain.name)?;
+            // nft prints -150 by its name in filter and route chains.
+            let prio = match (chain.priority, chain.kind) {
+                (-150, ChainType::Filter | ChainType::Route) => "mangle".to_string(),
+                (p, _) => p.to_string(),
+            };
+            writeln!(
+                f,
+                "\t\ttype {} hook {} priority {prio}; policy accept;",
+                chain.kind, chain.hook
+            )?;
+            for rule in &chain.rules {
+                writeln!(f, "\t\t{rule}")?;
+            }
+            writeln!(f, "\t}}")?;
+        }
+        writeln!(f, "}}")
+    }
+}
+
+impl fmt::Display for IpRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = match self.family {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        };
+        write!(
+            f,
+            "ip {v} rule add priority {} fwmark {:#x}/{:#x} lookup {} proto {}",
+            self.priority, self.mark.0, self.mask.0, self.table, self.protocol
+        )
+    }
+}
+
+impl fmt::Display for LocalRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.family {
+            Family::V4 => write!(
+                f,
+                "ip -4 route add local 0.0.0.0/0 dev lo scope host table {} proto {}",
+                self.table, self.protocol
+            ),
+            Family::V6 => write!(
+                f,
+                "ip -6 route add local ::/0 dev lo table {} proto {}",
+                self.table, self.protocol
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Desired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "# etp desired state. Load with `nft -f`; the policy routing below is installed by etp\n\
+             # over rtnetlink and is shown here as the equivalent ip(8) commands."
+        )?;
+        for r in &self.ip_rules {
+            writeln!(f, "# {r}")?;
+        }
+        for r in &self.routes {
+            writeln!(f, "# {r}")?;
+        }
+        write!(f, "{}", self.table)
+    }
+}

@@ -1,0 +1,253 @@
+//! Config -> [`Desired`]: every policy decision about the kernel state lives here.
+//!
+//! The rule order is the classifier's order (`classify::Classifier`): own marks, established
+//! transparent flows, bypass, then routes in config order. Each route gets one rule per protocol
+//! and address family it has destinations for.
+
+use crate::classify::{AddrSets, Classifier, PortSet, Selector};
+use crate::config::{Config, ROUTE_PROTOCOL};
+use crate::model::{
+    Chain, ChainType, Desired, Family, FwMark, Hook, IpRule, LocalRoute, Match, Proto, Rule, Set,
+    SetElems, Table, Verdict,
+};
+
+/// etp's table name (`table inet etp`).
+pub const TABLE: &str = "etp";
+/// Chain names as `nft list` shows them.
+pub const CHAIN_PREROUTING: &str = "prerouting";
+pub const CHAIN_OUTPUT: &str = "output";
+pub const CHAIN_HANDOFF: &str = "handoff";
+/// NF_IP_PRI_MANGLE: before conntrack's NAT and before routing decisions are final.
+pub const PRIO_MANGLE: i32 = -150;
+/// NF_IP_PRI_NAT_DST: where proxy-init's nat OUTPUT rules also sit.
+pub const PRIO_NAT_DST: i32 = -100;
+
+/// Plans the kernel state for `cfg`.
+pub fn plan(cfg: &Config) -> Desired {
+    plan_with(cfg, &Classifier::new(cfg))
+}
+
+/// Plans from an already-built classifier (the daemon keeps the one it routes flows with).
+pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
+    let k = &cfg.kernel;
+    let mut sets = Vec::new();
+    let bypass = addr_sets(&mut sets, "bypass", &cls.bypass_destinations, "dst", cfg);
+    let bypass_ports = port_set(&mut sets, "bypass_ports", &cls.bypass_ports);
+
+    let own = |comment: &str, value: FwMark| Rule {
+        matches: vec![Match::Mark {
+            mask: k.mark_mask,
+            value,
+        }],
+        verdict: Verdict::Return,
+        comment: comment.to_string(),
+    };
+    let own_rules = [
+        own("etp: etp's own sockets are never intercepted", k.own_mark),
+        own("etp: etp's hand-off connections to linkerd", k.handoff_mark),
+    ];
+    let bypass_rules = bypass_rules(&bypass, bypass_ports.as_deref());
+
+    let mut pre = own_rules.to_vec();
+    pre.push(Rule {
+        matches: vec![Match::L4Proto(Proto::Tcp), Match::SocketTransparent],
+        verdict: Verdict::MarkAccept(k.tproxy_mark),
+        comment: "etp: packets of flows etp already accepted".to_string(),
+    });
+    pre.extend(bypass_rules.iter().cloned());
+
+    let mut out = own_rules.to_vec();
+    out.push(Rule {
+        matches: vec![Match::SkUid(cfg.linkerd.proxy_uid)],
+        verdict: Verdict::Return,
+        comment: "etp: the linkerd proxy's own traffic".to_string(),
+    });
+    out.extend(bypass_rules);
+
+    for sel in &cls.selectors {
+        let r = &sel.route;
+        let base = set_base(sel);
+        let dst = addr_sets(&mut sets, &base, &sel.destinations, "dst", cfg);
+        let src = addr_sets(&mut sets, &base, &sel.sources, "src", cfg);
+        let ports = port_set(&mut sets, &format!("{base}_ports"), &sel.ports)
+            .expect("validated routes have ports");
+        for proto in &r.protocols {
+            for (family, dset) in &dst {
+                let mut matches = Vec::new();
+                if let Some((_, sset)) = src.iter().find(|(f, _)| f == family) {
+                    matches.push(Match::Saddr {
+                        family: *family,
+                        set: sset.clone(),
+                    });
+                } else if !src.is_empty() {
+                    // Sources given, none of this family: the route cannot match it.
+                    continue;
+                }
+                matches.push(Match::Daddr {
+                    family: *family,
+                    set: dset.clone(),
+                });
+                matches.push(Match::Dport {
+                    proto: *proto,
+                    set: ports.clone(),
+                });
+                pre.push(Rule {
+                    matches: matches.clone(),
+                    verdict: Verdict::Tproxy {
+                        family: *family,
+                        port: cfg.listener.port,
+                        mark: k.tproxy_mark,
+                    },
+                    comment: r.comment(*proto),
+                });
+                out.push(Rule {
+                    matches,
+                    verdict: Verdict::SetMark(k.tproxy_mark),
+                    comment: format!("{} (local)", r.comment(*proto)),
+                });
+            }
+        }
+    }
+
+    let mut chains = vec![Chain {
+        name: CHAIN_PREROUTING.to_string(),
+        kind: ChainType::Filter,
+        hook: Hook::Prerouting,
+        priority: PRIO_MANGLE,
+        rules: pre,
+    }];
+    if cfg.listener.local {
+        chains.push(Chain {
+            name: CHAIN_OUTPUT.to_string(),
+            kind: ChainType::Route,
+            hook: Hook::Output,
+            priority: PRIO_MANGLE,
+            rules: out,
+        });
+    }
+    chains.push(Chain {
+        name: CHAIN_HANDOFF.to_string(),
+        kind: ChainType::Nat,
+        hook: Hook::Output,
+        priority: PRIO_NAT_DST,
+        rules: vec![Rule {
+            matches: vec![
+                Match::Mark {
+                    mask: k.mark_mask,
+                    value: k.handoff_mark,
+                },
+                Match::L4Proto(Proto::Tcp),
+            ],
+            verdict: Verdict::Redirect {
+                port: cfg.linkerd.outbound_port,
+            },
+            comment: format!(
+                "etp: hand-off to the linkerd proxy's outbound port {}",
+                cfg.linkerd.outbound_port
+            ),
+        }],
+    });
+
+    let families: &[Family] = if cfg.listener.ipv6 {
+        &[Family::V4, Family::V6]
+    } else {
+        &[Family::V4]
+    };
+    Desired {
+        table: Table {
+            name: TABLE.to_string(),
+            sets,
+            chains,
+        },
+        ip_rules: families
+            .iter()
+            .map(|&family| IpRule {
+                family,
+                mark: k.tproxy_mark,
+                mask: k.mark_mask,
+                table: k.route_table,
+                priority: k.rule_priority,
+                protocol: ROUTE_PROTOCOL,
+            })
+            .collect(),
+        routes: families
+            .iter()
+            .map(|&family| LocalRoute {
+                family,
+                table: k.route_table,
+                protocol: ROUTE_PROTOCOL,
+            })
+            .collect(),
+    }
+}
+
+/// Set names are `r<index>_<name>` so that names which differ only in '-' vs '_' stay apart.
+fn set_base(sel: &Selector) -> String {
+    format!("r{}_{}", sel.index, sel.route.name.replace('-', "_"))
+}
+
+/// Adds `<base>_<what>4` / `<base>_<what>6` for the non-empty families; returns (family, name).
+fn addr_sets(
+    sets: &mut Vec<Set>,
+    base: &str,
+    a: &AddrSets,
+    what: &str,
+    cfg: &Config,
+) -> Vec<(Family, String)> {
+    let mut names = Vec::new();
+    if !a.v4.0.is_empty() {
+        let name = format!("{base}_{what}4");
+        sets.push(Set {
+            name: name.clone(),
+            elems: SetElems::V4(a.v4.0.clone()),
+        });
+        names.push((Family::V4, name));
+    }
+    if cfg.listener.ipv6 && !a.v6.0.is_empty() {
+        let name = format!("{base}_{what}6");
+        sets.push(Set {
+            name: name.clone(),
+            elems: SetElems::V6(a.v6.0.clone()),
+        });
+        names.push((Family::V6, name));
+    }
+    names
+}
+
+fn port_set(sets: &mut Vec<Set>, name: &str, p: &PortSet) -> Option<String> {
+    if p.0.is_empty() {
+        return None;
+    }
+    sets.push(Set {
+        name: name.to_string(),
+        elems: SetElems::Ports(p.0.clone()),
+    });
+    Some(name.to_string())
+}
+
+fn bypass_rules(dst: &[(Family, String)], ports: Option<&str>) -> Vec<Rule> {
+    let mut rules: Vec<Rule> = dst
+        .iter()
+        .map(|(family, set)| Rule {
+            matches: vec![Match::Daddr {
+                family: *family,
+                set: set.clone(),
+            }],
+            verdict: Verdict::Return,
+            comment: "etp bypass: destinations".to_string(),
+        })
+        .collect();
+    if let Some(set) = ports {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            rules.push(Rule {
+                matches: vec![Match::Dport {
+                    proto,
+                    set: set.to_string(),
+                }],
+                verdict: Verdict::Return,
+                comment: "etp bypass: ports".to_string(),
+            });
+        }
+    }
+    rules
+}
