@@ -1,0 +1,2 @@
+//! Integration tests (being written).
+mod common;
