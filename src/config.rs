@@ -585,12 +585,20 @@ impl RawKernel {
                     format!("{v:#x} has bits outside kernel.mark_mask {mask:#x}"),
                 ));
             }
-            for (other, w) in named.iter().take(i) {
+            for (j, (other, w)) in named.iter().enumerate().take(i) {
                 if v == w {
+                    // Point at whichever of the two the file sets (a default has no span).
+                    let (at, k, o) = if spans[i].is_empty() {
+                        (j, *other, *key)
+                    } else {
+                        (i, *key, *other)
+                    };
                     return Err(cx.err(
-                        spans[i].clone(),
-                        *key,
-                        format!("{v:#x} overlaps {other}: etp's marks must differ under kernel.mark_mask"),
+                        spans[at].clone(),
+                        k,
+                        format!(
+                            "{v:#x} overlaps {o}: etp's marks must differ under kernel.mark_mask"
+                        ),
                     ));
                 }
             }
@@ -933,3 +941,7 @@ fn parse_port(p: &RawPort) -> Result<PortRange, String> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

@@ -13,12 +13,14 @@
 //! - `daemon`   start order, reload, drain, resync; `admin` metrics and health
 
 pub mod classify;
+pub mod cli;
 pub mod config;
-pub mod model;
-pub mod plan;
 pub mod metrics;
+pub mod model;
 pub mod nft;
+pub mod plan;
 pub mod relay;
 pub mod route;
 pub mod sys;
+pub mod telemetry;
 pub mod tproxy;

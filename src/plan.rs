@@ -251,3 +251,7 @@ fn bypass_rules(dst: &[(Family, String)], ports: Option<&str>) -> Vec<Rule> {
     }
     rules
 }
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

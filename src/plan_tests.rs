@@ -1,0 +1,153 @@
+//! Planner tests: golden renderings under rulesets/ and the decisions behind them.
+
+use super::*;
+use crate::config::Config;
+
+/// Compares `got` with the golden file; `ETP_UPDATE_GOLDEN=1` rewrites it instead.
+fn golden(name: &str, got: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("rulesets")
+        .join(name);
+    if std::env::var_os("ETP_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (ETP_UPDATE_GOLDEN=1 creates it)", path.display()));
+    assert!(
+        want == got,
+        "render differs from {} (ETP_UPDATE_GOLDEN=1 rewrites it after review):\n{got}",
+        path.display()
+    );
+}
+
+fn parse(text: &str) -> Config {
+    Config::parse(text, "t.toml").unwrap()
+}
+
+#[test]
+fn default_config_matches_golden() {
+    golden("default.nft", &plan(&Config::embedded()).to_string());
+}
+
+#[test]
+fn example_config_matches_golden() {
+    let cfg = parse(include_str!("../deploy/etp.example.toml"));
+    golden("example.nft", &plan(&cfg).to_string());
+}
+
+#[test]
+fn local_adds_a_route_output_chain_with_uid_and_own_mark_returns() {
+    let cfg = parse(
+        "[listener]\nlocal = true\n[[route]]\nname = \"a\"\nprotocols = [\"tcp\"]\n\
+         destinations = [\"10.0.0.0/8\"]\nports = [80]\naction = \"linkerd\"\n",
+    );
+    let d = plan(&cfg);
+    let out = d
+        .table
+        .chains
+        .iter()
+        .find(|c| c.name == CHAIN_OUTPUT)
+        .expect("output chain");
+    assert_eq!(out.kind, ChainType::Route);
+    assert_eq!(out.hook, Hook::Output);
+    let text: Vec<String> = out.rules.iter().map(|r| r.to_string()).collect();
+    assert!(text[0].starts_with("meta mark & 0x00003000 == 0x00002000 counter return"));
+    assert!(text[1].starts_with("meta mark & 0x00003000 == 0x00003000 counter return"));
+    assert!(text[2].starts_with("meta skuid 2102 counter return"));
+    assert!(text.last().unwrap().contains(
+        "counter meta mark set 0x00001000 comment \"etp route a: tcp -> linkerd (local)\""
+    ));
+    // Without local, no output chain: etp then never touches locally generated traffic.
+    let d = plan(&parse(""));
+    assert!(d.table.chains.iter().all(|c| c.name != CHAIN_OUTPUT));
+}
+
+#[test]
+fn ipv6_off_drops_v6_sets_rules_and_routing() {
+    let cfg = parse(
+        "[listener]\nipv6 = false\n[[route]]\nname = \"a\"\nprotocols = [\"tcp\"]\n\
+         destinations = [\"10.0.0.0/8\", \"fd00::/8\"]\nports = [80]\naction = \"linkerd\"\n",
+    );
+    let d = plan(&cfg);
+    assert!(d
+        .table
+        .sets
+        .iter()
+        .all(|s| !matches!(s.elems, SetElems::V6(_))));
+    assert!(d.ip_rules.iter().all(|r| r.family == Family::V4));
+    assert_eq!(d.routes.len(), 1);
+    assert!(!d.to_string().contains("ip6 "));
+}
+
+#[test]
+fn sources_limit_families_and_rules_follow_config_order() {
+    let cfg = parse(
+        "[[route]]\nname = \"first\"\nprotocols = [\"udp\", \"tcp\"]\ndestinations = [\"10.0.0.0/8\", \"fd00::/8\"]\n\
+         ports = [53]\nsources = [\"192.168.0.0/16\"]\naction = \"direct\"\n\
+         [[route]]\nname = \"second\"\nprotocols = [\"tcp\"]\ndestinations = [\"0.0.0.0/0\"]\nports = [\"1-65535\"]\naction = \"linkerd\"\n",
+    );
+    let d = plan(&cfg);
+    let pre = &d.table.chains[0];
+    let routed: Vec<&Rule> = pre
+        .rules
+        .iter()
+        .filter(|r| matches!(r.verdict, Verdict::Tproxy { .. }))
+        .collect();
+    // "first": IPv4 only (its sources are IPv4), tcp before udp; then "second".
+    let comments: Vec<&str> = routed.iter().map(|r| r.comment.as_str()).collect();
+    assert_eq!(
+        comments,
+        [
+            "etp route first: tcp -> direct",
+            "etp route first: udp -> direct",
+            "etp route second: tcp -> linkerd"
+        ]
+    );
+    assert_eq!(
+        routed[0].to_string(),
+        "ip saddr @r0_first_src4 ip daddr @r0_first_dst4 tcp dport @r0_first_ports counter \
+         tproxy ip to :15001 meta mark set 0x00001000 accept comment \"etp route first: tcp -> direct\""
+    );
+    // Established transparent flows and own marks come before the bypass list and the routes.
+    assert!(pre.rules[2].matches.contains(&Match::SocketTransparent));
+}
+
+#[test]
+fn sets_are_merged_and_deduplicated() {
+    let cfg = parse(
+        "[[route]]\nname = \"a\"\nprotocols = [\"tcp\"]\n\
+         destinations = [\"10.0.0.0/8\", \"10.1.0.0/16\", \"10.0.0.0/8\", \"11.0.0.0/8\"]\n\
+         ports = [80, \"79-81\", 82]\naction = \"direct\"\n",
+    );
+    let d = plan(&cfg);
+    let set = |n: &str| {
+        d.table
+            .sets
+            .iter()
+            .find(|s| s.name == n)
+            .unwrap()
+            .elems
+            .to_string()
+    };
+    assert_eq!(set("r0_a_dst4"), "10.0.0.0/8,\n\t\t\t     11.0.0.0/8");
+    assert_eq!(set("r0_a_ports"), "79-81,\n\t\t\t     82");
+}
+
+#[test]
+fn handoff_redirects_to_the_configured_outbound_port() {
+    let d = plan(&parse("[linkerd]\noutbound_port = 4999\n"));
+    let h = d
+        .table
+        .chains
+        .iter()
+        .find(|c| c.name == CHAIN_HANDOFF)
+        .unwrap();
+    assert_eq!(h.kind, ChainType::Nat);
+    assert_eq!(h.priority, PRIO_NAT_DST);
+    assert_eq!(
+        h.rules[0].to_string(),
+        "meta mark & 0x00003000 == 0x00003000 meta l4proto tcp counter redirect to :4999 \
+         comment \"etp: hand-off to the linkerd proxy's outbound port 4999\""
+    );
+}
