@@ -1,2 +1,707 @@
-//! Integration tests (being written).
+//! The data path on a real kernel: client ns -- router ns (etp, Linkerd stand-in) -- server ns,
+//! IPv4 and IPv6 on every link.
+//!
+//! Addresses: client 10.10.1.2 / fd10:1::2, router 10.10.1.1 fd10:1::1 | 10.10.2.1 fd10:2::1,
+//! server 10.10.2.2 / fd10:2::2 plus "service" addresses on its lo (10.96.0.10, .20, .21, .22
+//! and fd00:10:96::a, ::14, ::15), routed via the router. 10.96.0.30 / fd00:10:96::1e exist
+//! nowhere: only etp's `forward` routes make them answer.
+//!
+//! Servers in the server ns: `etp-testkit serve` (echo 7001, banner 7002, hash 7003, source
+//! 7004, HTTP 8080; UDP echo 7001) and dnsmasq (port 53, `etp.test` -> 10.1.2.3).
+//! Every client call has a timeout; no assertion depends on timing.
+
 mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{link, wait_for, Netns, Proc, TempFile};
+
+fn example(name: &str) -> String {
+    let bin = common::etp_bin();
+    let dir = bin.parent().expect("target dir");
+    dir.join("examples").join(name).display().to_string()
+}
+
+/// The three namespaces with addresses, routes and servers running.
+struct Topo {
+    client: Netns,
+    router: Netns,
+    server: Netns,
+    _servers: Vec<Proc>,
+}
+
+const SERVICE_ADDRS: [&str; 7] = [
+    "10.96.0.10/32",
+    "10.96.0.20/32",
+    "10.96.0.21/32",
+    "10.96.0.22/32",
+    "fd00:10:96::a/128",
+    "fd00:10:96::14/128",
+    "fd00:10:96::15/128",
+];
+
+fn topo() -> Topo {
+    let client = Netns::new("cli");
+    let router = Netns::new("rtr");
+    let server = Netns::new("srv");
+    link(
+        &client,
+        "eth0",
+        &["10.10.1.2/24", "fd10:1::2/64"],
+        &router,
+        "c0",
+        &["10.10.1.1/24", "fd10:1::1/64"],
+    );
+    link(
+        &router,
+        "s0",
+        &["10.10.2.1/24", "fd10:2::1/64"],
+        &server,
+        "eth0",
+        &["10.10.2.2/24", "fd10:2::2/64"],
+    );
+    router.forwarding();
+    client.ip(&["route", "add", "default", "via", "10.10.1.1"]);
+    client.ip(&["-6", "route", "add", "default", "via", "fd10:1::1"]);
+    server.ip(&["route", "add", "default", "via", "10.10.2.1"]);
+    server.ip(&["-6", "route", "add", "default", "via", "fd10:2::1"]);
+    for a in SERVICE_ADDRS {
+        server.ip(&["addr", "add", a, "dev", "lo"]);
+    }
+    router.ip(&["route", "add", "10.96.0.0/12", "via", "10.10.2.2"]);
+    router.ip(&["-6", "route", "add", "fd00:10:96::/112", "via", "fd10:2::2"]);
+    let mut ips = vec!["10.10.2.2", "fd10:2::2"];
+    ips.extend(SERVICE_ADDRS.iter().map(|a| a.split('/').next().unwrap()));
+    let mut args = vec!["serve"];
+    args.extend(ips.iter().copied());
+    let testkit = server.spawn(&example("etp-testkit"), &args);
+    let dns = server.spawn(
+        "dnsmasq",
+        &[
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--pid-file",
+            "--user=root",
+            "--bind-interfaces",
+            "--address=/etp.test/10.1.2.3",
+            "--listen-address=10.10.2.2,fd10:2::2,10.96.0.10,fd00:10:96::a",
+        ],
+    );
+    wait_listening(&server, "-Hltn", "sport = :8080", 9);
+    wait_listening(&server, "-Hlun", "sport = :53", 4);
+    Topo {
+        client,
+        router,
+        server,
+        _servers: vec![testkit, dns],
+    }
+}
+
+/// Waits until `ss FLAGS FILTER` in `ns` lists at least `n` sockets.
+fn wait_listening(ns: &Netns, flags: &str, filter: &str, n: usize) {
+    let ok = wait_for(Duration::from_secs(10), || {
+        let out = ns.try_exec("ss", &[flags, filter]);
+        (String::from_utf8_lossy(&out.stdout).lines().count() >= n).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "{filter} not listening ({n} sockets) in {}",
+        ns.name
+    );
+}
+
+/// etp running in the router namespace.
+struct Etp {
+    proc: Proc,
+    _cfg: TempFile,
+    log: PathBuf,
+}
+
+/// Starts etp's data path in `router` with config `cfg` and installs the kernel state it
+/// needs. THE one place that knows how etp is started: switch to `etp run -c CFG` once the
+/// daemon exists (it binds the listeners, applies the ruleset and routing itself).
+fn start_etp(router: &Netns, cfg: &str) -> Etp {
+    let cfg = TempFile::new("etp.toml", cfg);
+    let ruleset = common::run(Command::new(common::etp_bin()).args(["render", "-c", cfg.as_str()]));
+    let mut nft = router
+        .cmd("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn nft");
+    use std::io::Write;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(&ruleset.stdout)
+        .unwrap();
+    assert!(
+        nft.wait().unwrap().success(),
+        "nft -f rejected the rendered ruleset"
+    );
+    for fam in ["-4", "-6"] {
+        router.ip(&[
+            fam,
+            "rule",
+            "add",
+            "fwmark",
+            "0x1000/0x3000",
+            "lookup",
+            "15001",
+        ]);
+    }
+    router.ip(&[
+        "-4",
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "15001",
+    ]);
+    router.ip(&[
+        "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "15001",
+    ]);
+    let log = cfg.path.with_extension("log");
+    let line = format!(
+        "exec {} {} 2>>{}",
+        example("dataplane-runner"),
+        cfg.as_str(),
+        log.display()
+    );
+    let child = router
+        .cmd("sh")
+        .args(["-c", &line])
+        .env("RUST_LOG", "etp=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn dataplane-runner");
+    let etp = Etp {
+        proc: Proc { child: Some(child) },
+        _cfg: cfg,
+        log,
+    };
+    wait_listening(router, "-Hltun", "sport = :15001", 4);
+    etp
+}
+
+/// Stops etp (SIGTERM) and returns its metrics (text format).
+fn stop_etp(mut etp: Etp) -> String {
+    etp.proc.signal("TERM");
+    let out = etp
+        .proc
+        .wait_timeout(Duration::from_secs(10))
+        .expect("etp exits within 10 s of SIGTERM");
+    let _ = std::fs::remove_file(&etp.log);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of the sample `name{labels}` (0 when absent).
+fn metric(text: &str, sample: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// The sum of every sample whose line starts with `prefix`.
+fn sum(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The Linkerd stand-in in `router`, as uid 2102; its per-connection lines go to `log`.
+fn start_standin(router: &Netns, log: &TempFile) -> Proc {
+    // Writable by uid 2102; the stand-in appends and never creates it.
+    common::run(Command::new("chmod").args(["666", log.as_str()]));
+    let p = router.spawn(
+        "setpriv",
+        &[
+            "--reuid=2102",
+            "--regid=2102",
+            "--clear-groups",
+            &example("linkerd-standin"),
+            "--log",
+            log.as_str(),
+        ],
+    );
+    wait_listening(router, "-Hltn", "sport = :4140", 2);
+    p
+}
+
+/// Runs `etp-testkit ARGS` in `ns`.
+fn kit(ns: &Netns, args: &[&str]) -> Output {
+    ns.cmd(&example("etp-testkit"))
+        .args(args)
+        .output()
+        .expect("spawn etp-testkit")
+}
+
+/// Runs `etp-testkit ARGS` in `ns`, asserts success, returns stdout.
+fn kit_ok(ns: &Netns, args: &[&str]) -> String {
+    let out = kit(ns, args);
+    assert!(
+        out.status.success(),
+        "etp-testkit {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn curl(ns: &Netns, url: &str) -> String {
+    ns.exec("curl", &["-sS", "-g", "--max-time", "10", url])
+        .trim()
+        .to_string()
+}
+
+const CFG: &str = r#"
+[listener]
+port = 15001
+ipv6 = true
+local = LOCAL
+
+[bypass]
+destinations = ["10.96.0.22/32"]
+
+[limits]
+connect_timeout_ms = 1000
+
+[[route]]
+name = "mesh"
+protocols = ["tcp"]
+destinations = ["10.96.0.10/32", "fd00:10:96::a/128"]
+ports = ["1-65535"]
+action = "linkerd"
+
+[[route]]
+name = "keep"
+protocols = ["tcp"]
+destinations = ["10.96.0.21/32", "fd00:10:96::15/128"]
+ports = [8080]
+action = "direct"
+preserve_source = true
+
+[[route]]
+name = "direct"
+protocols = ["tcp"]
+destinations = ["10.96.0.16/29", "fd00:10:96::14/128"]
+ports = ["1-65535"]
+action = "direct"
+
+[[route]]
+name = "fwd4"
+protocols = ["tcp", "udp"]
+destinations = ["10.96.0.30/32"]
+ports = [7001]
+action = "forward"
+forward_to = "10.10.2.2:7001"
+
+[[route]]
+name = "fwd6"
+protocols = ["tcp", "udp"]
+destinations = ["fd00:10:96::1e/128"]
+ports = [7001]
+action = "forward"
+forward_to = "[fd10:2::2]:7001"
+
+[[route]]
+name = "dnsfwd4"
+protocols = ["udp"]
+destinations = ["10.96.0.30/32"]
+ports = [53]
+action = "forward"
+forward_to = "10.10.2.2:53"
+
+[[route]]
+name = "dnsfwd6"
+protocols = ["udp"]
+destinations = ["fd00:10:96::1e/128"]
+ports = [53]
+action = "forward"
+forward_to = "[fd10:2::2]:53"
+
+[[route]]
+name = "udp"
+protocols = ["udp"]
+destinations = ["10.96.0.10/32", "fd00:10:96::a/128"]
+ports = [53, 7001]
+action = "direct"
+"#;
+
+fn cfg(local: bool) -> String {
+    CFG.replace("LOCAL", if local { "true" } else { "false" })
+}
+
+fn standin_lines(log: &TempFile) -> Vec<String> {
+    std::fs::read_to_string(&log.path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn linkerd_handoff_keeps_the_original_destination() {
+    require_root!();
+    let t = topo();
+    let log = TempFile::new("standin.log", "");
+    let _standin = start_standin(&t.router, &log);
+    let etp = start_etp(&t.router, &cfg(false));
+
+    // HTTP through etp -> stand-in -> server: the server's real answer, IPv4 and IPv6. The
+    // server sees the stand-in's connection from the router (10.10.2.1 / fd10:2::1).
+    let body = curl(&t.client, "http://10.96.0.10:8080/");
+    assert!(
+        body.starts_with("hello from 10.96.0.10:8080 to 10.10.2.1:"),
+        "{body}"
+    );
+    let body = curl(&t.client, "http://[fd00:10:96::a]:8080/");
+    assert!(
+        body.starts_with("hello from [fd00:10:96::a]:8080 to [fd10:2::1]:"),
+        "{body}"
+    );
+
+    // A raw, non-HTTP exchange passes unchanged.
+    let raw = "\u{1}\u{2}not http at all\r\n\r\n\u{7f}";
+    assert_eq!(kit_ok(&t.client, &["echo", "10.96.0.10:7001", raw]), raw);
+    // Server speaks first: the banner arrives although the client sends nothing.
+    let b = kit_ok(&t.client, &["banner", "[fd00:10:96::a]:7002"]);
+    assert!(b.starts_with("banner from [fd00:10:96::a]:7002"), "{b}");
+    // Half-close: the client shuts its write side; the answer comes after the server's EOF.
+    let up = kit_ok(&t.client, &["upload", "10.96.0.10:7003", "100000"]);
+    assert!(up.starts_with("ok len=100000"), "{up}");
+
+    let m = stop_etp(etp);
+    let lines = standin_lines(&log);
+    for want in [
+        "orig_dst=10.96.0.10:8080",
+        "orig_dst=[fd00:10:96::a]:8080",
+        "orig_dst=10.96.0.10:7001",
+        "orig_dst=[fd00:10:96::a]:7002",
+        "orig_dst=10.96.0.10:7003",
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(want) && l.ends_with("uid=2102")),
+            "stand-in did not see {want}: {lines:?}"
+        );
+    }
+    // No loop: five client connections, five hand-offs, none dropped; the stand-in's own
+    // upstream connections were not intercepted again.
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(!lines.iter().any(|l| l.starts_with("dropped")), "{lines:?}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"etp_flows_total{route="mesh",action="linkerd",proto="tcp"}"#
+        ),
+        5,
+        "{m}"
+    );
+    assert_eq!(sum(&m, "etp_flows_total{"), 5, "no other flows: {m}");
+    assert!(!m.contains("etp_upstream_errors_total{"), "{m}");
+}
+
+#[test]
+fn direct_forward_bypass_and_bulk() {
+    require_root!();
+    let t = topo();
+    // 10.96.0.23 is silently dropped by the server: connects to it time out.
+    t.server.nft(&["add", "table", "inet", "t"]);
+    t.server.nft(&[
+        "add",
+        "chain",
+        "inet",
+        "t",
+        "in",
+        "{ type filter hook prerouting priority 0; }",
+    ]);
+    t.server.nft(&[
+        "add",
+        "rule",
+        "inet",
+        "t",
+        "in",
+        "ip",
+        "daddr",
+        "10.96.0.23",
+        "drop",
+    ]);
+    let etp = start_etp(&t.router, &cfg(false));
+
+    // direct: the server sees etp's connection from the router.
+    let body = curl(&t.client, "http://10.96.0.20:8080/");
+    assert!(
+        body.starts_with("hello from 10.96.0.20:8080 to 10.10.2.1:"),
+        "{body}"
+    );
+    let body = curl(&t.client, "http://[fd00:10:96::14]:8080/");
+    assert!(
+        body.starts_with("hello from [fd00:10:96::14]:8080 to [fd10:2::1]:"),
+        "{body}"
+    );
+    // direct with preserve_source: the server sees the client's own address (its replies
+    // route back through the router, where `socket transparent` hands them to etp).
+    let body = curl(&t.client, "http://10.96.0.21:8080/");
+    assert!(
+        body.starts_with("hello from 10.96.0.21:8080 to 10.10.1.2:"),
+        "{body}"
+    );
+    let body = curl(&t.client, "http://[fd00:10:96::15]:8080/");
+    assert!(
+        body.starts_with("hello from [fd00:10:96::15]:8080 to [fd10:1::2]:"),
+        "{body}"
+    );
+    // bypass: not intercepted, so the server sees the client and etp counts nothing for it.
+    let body = curl(&t.client, "http://10.96.0.22:8080/");
+    assert!(
+        body.starts_with("hello from 10.96.0.22:8080 to 10.10.1.2:"),
+        "{body}"
+    );
+
+    // forward: 10.96.0.30 exists nowhere; etp forwards to the server's 7001 (echo), and the
+    // client's socket still talks to 10.96.0.30.
+    assert_eq!(
+        kit_ok(&t.client, &["echo", "10.96.0.30:7001", "fwd4"]),
+        "fwd4"
+    );
+    assert_eq!(
+        kit_ok(&t.client, &["echo", "[fd00:10:96::1e]:7001", "fwd6"]),
+        "fwd6"
+    );
+    let b = kit_ok(&t.client, &["banner", "10.96.0.20:7002"]);
+    assert!(
+        b.starts_with("banner from 10.96.0.20:7002 to 10.10.2.1:"),
+        "{b}"
+    );
+
+    // 100 MB each way, byte-identical (the hash is compared on the receiving side).
+    let up = kit_ok(&t.client, &["upload", "10.96.0.20:7003", "104857600"]);
+    assert!(up.starts_with("ok len=104857600"), "{up}");
+    let down = kit_ok(
+        &t.client,
+        &["download", "[fd00:10:96::14]:7004", "104857600"],
+    );
+    assert!(down.starts_with("ok len=104857600"), "{down}");
+
+    // Refused upstream (nothing on port 9): the client gets a reset, not a hang or a FIN.
+    let out = kit(&t.client, &["echo", "10.96.0.20:9", "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("reset"), "{err}");
+    // Unanswered upstream: after limits.connect_timeout the client gets a reset.
+    let out = kit(&t.client, &["echo", "10.96.0.23:7001", "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("reset"), "{err}");
+
+    let m = stop_etp(etp);
+    let flows = |route: &str, action: &str| {
+        metric(
+            &m,
+            &format!(r#"etp_flows_total{{route="{route}",action="{action}",proto="tcp"}}"#),
+        )
+    };
+    assert_eq!(flows("direct", "direct"), 7, "{m}");
+    assert_eq!(flows("keep", "direct"), 2, "{m}");
+    assert_eq!(flows("fwd4", "forward"), 1, "{m}");
+    assert_eq!(flows("fwd6", "forward"), 1, "{m}");
+    let errors = |kind: &str| {
+        metric(
+            &m,
+            &format!(r#"etp_upstream_errors_total{{route="direct",kind="{kind}"}}"#),
+        )
+    };
+    assert_eq!((errors("refused"), errors("timeout")), (1, 1), "{m}");
+    assert!(
+        metric(
+            &m,
+            r#"etp_bytes_total{route="direct",direction="client_to_upstream"}"#
+        ) >= 104_857_600
+    );
+    assert!(
+        metric(
+            &m,
+            r#"etp_bytes_total{route="direct",direction="upstream_to_client"}"#
+        ) >= 104_857_600
+    );
+}
+
+#[test]
+fn a_thousand_concurrent_connections_complete() {
+    require_root!();
+    let t = topo();
+    let etp = start_etp(&t.router, &cfg(false));
+    let out = kit_ok(&t.client, &["many", "10.96.0.20:7001", "1000"]);
+    assert_eq!(out, "ok 1000");
+    let m = stop_etp(etp);
+    assert_eq!(
+        metric(
+            &m,
+            r#"etp_flows_total{route="direct",action="direct",proto="tcp"}"#
+        ),
+        1000,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "etp_accept_errors_total"), 0);
+}
+
+/// `dig +short` against `server` (through etp); dig itself rejects replies from another source.
+fn dig(ns: &Netns, server: &str) -> String {
+    ns.exec(
+        "dig",
+        &[
+            "+short",
+            "+time=3",
+            "+tries=1",
+            &format!("@{server}"),
+            "etp.test",
+            "A",
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn udp_direct_and_forward_dns_and_big_datagrams() {
+    require_root!();
+    let t = topo();
+    let etp = start_etp(&t.router, &cfg(false));
+    // direct: dnsmasq listens on the service addresses themselves.
+    assert_eq!(dig(&t.client, "10.96.0.10"), "10.1.2.3");
+    assert_eq!(dig(&t.client, "fd00:10:96::a"), "10.1.2.3");
+    // forward: 10.96.0.30 exists nowhere; the answer still comes from it.
+    assert_eq!(dig(&t.client, "10.96.0.30"), "10.1.2.3");
+    assert_eq!(dig(&t.client, "fd00:10:96::1e"), "10.1.2.3");
+    // A raw client checks the reply source itself; 60 KiB datagrams arrive whole.
+    for addr in [
+        "10.96.0.10:7001",
+        "[fd00:10:96::a]:7001",
+        "10.96.0.30:7001",
+        "[fd00:10:96::1e]:7001",
+    ] {
+        let out = kit_ok(&t.client, &["udp", addr, "61440"]);
+        assert_eq!(out, format!("ok from={addr} len=61440"));
+    }
+    let m = stop_etp(etp);
+    let udp = |route: &str, action: &str| {
+        metric(
+            &m,
+            &format!(r#"etp_flows_total{{route="{route}",action="{action}",proto="udp"}}"#),
+        )
+    };
+    assert_eq!(udp("udp", "direct"), 4, "{m}");
+    assert_eq!(
+        udp("dnsfwd4", "forward") + udp("dnsfwd6", "forward"),
+        2,
+        "{m}"
+    );
+    assert_eq!(udp("fwd4", "forward") + udp("fwd6", "forward"), 2, "{m}");
+    assert!(!m.contains("etp_udp_dropped_total{"), "{m}");
+}
+
+#[test]
+fn local_true_intercepts_the_router_itself() {
+    require_root!();
+    let t = topo();
+    let log = TempFile::new("standin.log", "");
+    let _standin = start_standin(&t.router, &log);
+    let etp = start_etp(&t.router, &cfg(true));
+    // A client in the router namespace: direct route.
+    assert_eq!(
+        kit_ok(&t.router, &["echo", "10.96.0.20:7001", "local"]),
+        "local"
+    );
+    assert_eq!(
+        kit_ok(&t.router, &["echo", "[fd00:10:96::14]:7001", "local6"]),
+        "local6"
+    );
+    // Linkerd route from the router itself: handed to the stand-in, whose own connections
+    // (uid 2102) are not intercepted again.
+    let body = curl(&t.router, "http://10.96.0.10:8080/");
+    assert!(body.starts_with("hello from 10.96.0.10:8080"), "{body}");
+    // Routed clients still work with local = true.
+    let body = curl(&t.client, "http://[fd00:10:96::a]:8080/");
+    assert!(
+        body.starts_with("hello from [fd00:10:96::a]:8080"),
+        "{body}"
+    );
+    let m = stop_etp(etp);
+    let lines = standin_lines(&log);
+    assert_eq!(
+        lines.len(),
+        2,
+        "one hand-off per client connection: {lines:?}"
+    );
+    assert!(
+        lines[0].starts_with("orig_dst=10.96.0.10:8080"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etp_flows_total{route="direct",action="direct",proto="tcp"}"#
+        ),
+        2,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etp_flows_total{route="mesh",action="linkerd",proto="tcp"}"#
+        ),
+        2,
+        "{m}"
+    );
+    drop(t.server);
+}
+
+#[test]
+fn listener_errors_name_the_cause() {
+    require_root!();
+    let ns = Netns::new("lst");
+    let cfg = TempFile::new("etp.toml", &cfg(false));
+    // Without capabilities (nobody, no caps), IP_TRANSPARENT is refused.
+    let out = ns.try_exec(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &example("dataplane-runner"),
+            cfg.as_str(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("IP_TRANSPARENT") && err.contains("CAP_NET_ADMIN"),
+        "{err}"
+    );
+    // Port taken.
+    let _holder = ns.spawn("socat", &["TCP-LISTEN:15001,bind=0.0.0.0,reuseaddr", "-"]);
+    wait_listening(&ns, "-Hltn", "sport = :15001", 1);
+    let out = ns.try_exec(&example("dataplane-runner"), &[cfg.as_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("binding the tcp listener to 0.0.0.0:15001"),
+        "{err}"
+    );
+}

@@ -159,7 +159,7 @@ impl Route {
 /// A config that cannot be used; `Display` gives `FILE:LINE: KEY: PROBLEM`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading config {path}: {source}")]
+    #[error("reading config {path}")]
     Read {
         path: String,
         #[source]

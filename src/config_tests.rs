@@ -165,9 +165,10 @@ fn names_too_long_for_an_nft_comment_are_refused() {
 #[test]
 fn load_reports_a_missing_file_by_path() {
     let e = Config::load(std::path::Path::new("/nonexistent/etp.toml")).unwrap_err();
+    assert_eq!(e.to_string(), "reading config /nonexistent/etp.toml");
+    let full = crate::telemetry::chain(&e);
     assert!(
-        e.to_string()
-            .starts_with("reading config /nonexistent/etp.toml:"),
-        "{e}"
+        full.starts_with("reading config /nonexistent/etp.toml: No such file"),
+        "{full}"
     );
 }

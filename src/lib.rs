@@ -12,9 +12,12 @@
 //! - `relay`    TCP byte copying, half-close, idle timeout
 //! - `daemon`   start order, reload, drain, resync; `admin` metrics and health
 
+pub mod admin;
 pub mod classify;
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod kernel;
 pub mod metrics;
 pub mod model;
 pub mod nft;

@@ -1,48 +1,238 @@
-use std::path::PathBuf;
+//! etp's entry point: argv -> command. The only place that picks exit codes:
+//! 0 ok, 1 runtime failure or drift, 2 bad usage or config.
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use anyhow::{anyhow, Context};
+use clap::Parser;
+use tracing::warn;
 
-use etp::config::Config;
+use etp::cli::{normalize_args, Cli, Command};
+use etp::config::{Config, DEFAULT_PATH};
+use etp::daemon::{self, DaemonError, Source};
+use etp::kernel::Kernel;
+use etp::{admin, plan, telemetry};
 
-#[derive(Parser)]
-#[command(
-    name = "etp",
-    version,
-    about = "Node-level TPROXY traffic router for the Linkerd service mesh"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Cmd>,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Print the desired nftables table (nft syntax) and policy routing.
-    Render {
-        /// Config file; the embedded default when omitted.
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-    },
-}
+const OK: u8 = 0;
+const FAILURE: u8 = 1;
+const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Some(Cmd::Render { config }) => {
-            let cfg = match config {
-                Some(p) => match Config::load(&p) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("etp: {e}");
-                        return ExitCode::from(2);
-                    }
-                },
-                None => Config::embedded(),
-            };
-            print!("{}", etp::plan::plan(&cfg));
-            ExitCode::SUCCESS
+    let cli = match Cli::try_parse_from(normalize_args(std::env::args_os())) {
+        Ok(c) => c,
+        Err(e) => {
+            // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
+            let _ = e.print();
+            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
         }
-        None => ExitCode::from(2),
+    };
+    telemetry::init(cli.global.verbosity, cli.global.log_format);
+    let source = Source {
+        path: config_path(cli.global.config.as_deref()),
+        port: cli.global.port,
+    };
+    let command = cli.command.unwrap_or(Command::Run);
+    // Config errors are usage errors (2) wherever they surface.
+    let cfg = match (&command, source.load()) {
+        (_, Ok(c)) => Some(c),
+        (Command::Cleanup, Err(_)) => None,
+        (_, Err(e)) => {
+            eprintln!("etp: {}", telemetry::chain(&e));
+            return ExitCode::from(USAGE);
+        }
+    };
+    let code = match command {
+        Command::Run => run(source),
+        Command::Render => {
+            print!("{}", plan::plan(cfg.as_ref().expect("loaded")));
+            Ok(OK)
+        }
+        Command::Check => {
+            print!("{}", summary(cfg.as_ref().expect("loaded")));
+            Ok(OK)
+        }
+        Command::Apply => one_shot(apply(cfg.expect("loaded"))),
+        Command::Audit => one_shot(audit(cfg.expect("loaded"))),
+        Command::Cleanup => one_shot(cleanup()),
+        Command::Status => status(cfg.as_ref().expect("loaded")),
+        Command::Reload => reload(cfg.as_ref().expect("loaded")),
+    };
+    match code {
+        Ok(c) => ExitCode::from(c),
+        Err(e) => {
+            eprintln!("etp: {e:#}");
+            ExitCode::from(FAILURE)
+        }
     }
+}
+
+/// `-c FILE`, else /etc/etp/etp.toml when it exists, else the embedded default (`None`).
+fn config_path(flag: Option<&Path>) -> Option<PathBuf> {
+    match flag {
+        Some(p) => Some(p.to_path_buf()),
+        None if Path::new(DEFAULT_PATH).exists() => Some(PathBuf::from(DEFAULT_PATH)),
+        None => None,
+    }
+}
+
+fn runtime(multi: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = if multi {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all().build().context("starting the tokio runtime")
+}
+
+fn one_shot(fut: impl std::future::Future<Output = anyhow::Result<u8>>) -> anyhow::Result<u8> {
+    runtime(false)?.block_on(fut)
+}
+
+fn run(source: Source) -> anyhow::Result<u8> {
+    if source.path.is_none() {
+        warn!(
+            path = DEFAULT_PATH,
+            "no config file; running on the embedded default config"
+        );
+    }
+    match runtime(true)?.block_on(daemon::run(source)) {
+        Ok(()) => Ok(OK),
+        Err(DaemonError::Config(e)) => {
+            eprintln!("etp: {}", telemetry::chain(&e));
+            Ok(USAGE)
+        }
+        Err(e) => Err(anyhow!(e)),
+    }
+}
+
+async fn apply(cfg: Config) -> anyhow::Result<u8> {
+    let desired = plan::plan(&cfg);
+    let mut kernel = Kernel::connect()
+        .await
+        .context("connecting to the kernel")?;
+    let applied = kernel
+        .apply(&desired, None)
+        .await
+        .context("applying the ruleset")?;
+    println!(
+        "applied table inet {}: {} messages, {} bytes, generation {}",
+        desired.table.name, applied.messages, applied.bytes, applied.generation
+    );
+    if !applied.routes.is_empty() {
+        println!("{}", applied.routes);
+    }
+    Ok(OK)
+}
+
+async fn audit(cfg: Config) -> anyhow::Result<u8> {
+    let desired = plan::plan(&cfg);
+    let mut kernel = Kernel::connect()
+        .await
+        .context("connecting to the kernel")?;
+    let drift = kernel.audit(&desired).await.context("auditing")?;
+    if drift.is_empty() {
+        println!("in sync");
+        return Ok(OK);
+    }
+    for d in &drift {
+        println!("{d}");
+    }
+    println!("{} difference(s)", drift.len());
+    Ok(FAILURE)
+}
+
+async fn cleanup() -> anyhow::Result<u8> {
+    let mut kernel = Kernel::connect()
+        .await
+        .context("connecting to the kernel")?;
+    let r = kernel.cleanup().await.context("cleaning up")?;
+    if !r.table && r.routing_entries == 0 {
+        println!("nothing to remove");
+    } else {
+        println!(
+            "removed: table {}, {} ip rules/routes",
+            if r.table { "inet etp" } else { "(none)" },
+            r.routing_entries
+        );
+    }
+    Ok(OK)
+}
+
+fn status(cfg: &Config) -> anyhow::Result<u8> {
+    let (code, body) = admin::get(cfg.admin.address, "/status").with_context(|| {
+        format!(
+            "asking the daemon at {} (is etp running?)",
+            cfg.admin.address
+        )
+    })?;
+    print!("{body}");
+    Ok(if code == 200 { OK } else { FAILURE })
+}
+
+fn reload(cfg: &Config) -> anyhow::Result<u8> {
+    let path = &cfg.daemon.pid_file;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the pid file {} (is etp running?)", path.display()))?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("pid file {} holds {:?}", path.display(), text.trim()))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .with_context(|| format!("sending SIGHUP to pid {pid}"))?;
+    println!("reload requested (SIGHUP to pid {pid})");
+    Ok(OK)
+}
+
+/// `etp check`: what the config becomes, in a few lines.
+fn summary(cfg: &Config) -> String {
+    use std::fmt::Write;
+    let d = plan::plan(cfg);
+    let mut s = String::new();
+    let _ = writeln!(s, "config {} is valid", cfg.source);
+    let _ = writeln!(
+        s,
+        "listener :{} (ipv6 {}, local {}), linkerd outbound :{} uid {}, admin {}",
+        cfg.listener.port,
+        cfg.listener.ipv6,
+        cfg.listener.local,
+        cfg.linkerd.outbound_port,
+        cfg.linkerd.proxy_uid,
+        cfg.admin.address
+    );
+    let elements: usize = d.table.sets.iter().map(|s| s.elems.len()).sum();
+    let rules: usize = d.table.chains.iter().map(|c| c.rules.len()).sum();
+    let _ = writeln!(
+        s,
+        "table inet {}: {} chains, {} rules, {} sets, {} elements",
+        d.table.name,
+        d.table.chains.len(),
+        rules,
+        d.table.sets.len(),
+        elements
+    );
+    for r in &d.ip_rules {
+        let _ = writeln!(s, "{r}");
+    }
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let protos: Vec<String> = r.protocols.iter().map(|p| p.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "route {i} {}: {} -> {} ({} destinations, {} port ranges{})",
+            r.name,
+            protos.join("+"),
+            r.action,
+            r.destinations.len(),
+            r.ports.len(),
+            if r.sources.is_empty() {
+                String::new()
+            } else {
+                format!(", {} sources", r.sources.len())
+            }
+        );
+    }
+    s
 }

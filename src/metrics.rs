@@ -1,1 +1,270 @@
-//! (being written)
+//! Prometheus metrics (`prometheus-client`): the data path's flow, byte and error counters, and
+//! the daemon's reload/drift/generation metrics, in one registry encoded as text for `/metrics`.
+//!
+//! Counters are registered without the `_total` suffix: the text encoder appends it.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// `{route, action, proto}` on flow counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub route: String,
+    pub action: String,
+    pub proto: String,
+}
+
+/// Which way bytes went.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    ClientToUpstream,
+    UpstreamToClient,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByteLabels {
+    pub route: String,
+    /// [`Direction::as_str`]
+    pub direction: &'static str,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToUpstream => "client_to_upstream",
+            Direction::UpstreamToClient => "upstream_to_client",
+        }
+    }
+}
+
+/// Why an upstream connection failed.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ErrorKind {
+    Refused,
+    Timeout,
+    Unreachable,
+    Other,
+}
+
+impl ErrorKind {
+    /// Sorts a connect error into the kinds operators alert on.
+    pub fn of(e: &std::io::Error) -> ErrorKind {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::ConnectionRefused => ErrorKind::Refused,
+            K::TimedOut => ErrorKind::Timeout,
+            K::HostUnreachable | K::NetworkUnreachable => ErrorKind::Unreachable,
+            _ => match e.raw_os_error() {
+                Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN) => {
+                    ErrorKind::Unreachable
+                }
+                _ => ErrorKind::Other,
+            },
+        }
+    }
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Refused => "refused",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Unreachable => "unreachable",
+            ErrorKind::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub route: String,
+    /// [`ErrorKind::as_str`]
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+/// Every metric etp exports. Cheap to share (`Arc<Metrics>`); every handle is atomic.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub flows_total: Family<FlowLabels, Counter>,
+    pub flows_active: Family<FlowLabels, Gauge>,
+    pub bytes_total: Family<ByteLabels, Counter>,
+    pub upstream_errors_total: Family<ErrorLabels, Counter>,
+    /// Reasons: "queue_full", "flow_limit", "truncated", "no_orig_dst", "no_route", "send".
+    pub udp_dropped_total: Family<ReasonLabels, Counter>,
+    pub udp_evictions_total: Counter,
+    pub accept_errors_total: Counter,
+    /// The daemon's: result = "ok" | "error".
+    pub reloads_total: Family<ResultLabels, Counter>,
+    pub drift_repairs_total: Counter,
+    pub ruleset_generation: Gauge,
+    pub build_info: Family<VersionLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("etp");
+        let m = Metrics {
+            registry: Registry::default(),
+            flows_total: Family::default(),
+            flows_active: Family::default(),
+            bytes_total: Family::default(),
+            upstream_errors_total: Family::default(),
+            udp_dropped_total: Family::default(),
+            udp_evictions_total: Counter::default(),
+            accept_errors_total: Counter::default(),
+            reloads_total: Family::default(),
+            drift_repairs_total: Counter::default(),
+            ruleset_generation: Gauge::default(),
+            build_info: Family::default(),
+        };
+        // Metric handles are Arc-backed: the registry holds clones of the same atomics.
+        registry.register(
+            "flows",
+            "Flows accepted, by route, action and protocol",
+            m.flows_total.clone(),
+        );
+        registry.register("flows_active", "Flows open now", m.flows_active.clone());
+        registry.register(
+            "bytes",
+            "Bytes relayed, by route and direction",
+            m.bytes_total.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream connections that failed, by route and kind",
+            m.upstream_errors_total.clone(),
+        );
+        registry.register(
+            "udp_dropped",
+            "UDP datagrams dropped, by reason",
+            m.udp_dropped_total.clone(),
+        );
+        registry.register(
+            "udp_evictions",
+            "UDP flows evicted to make room under limits.max_udp_flows",
+            m.udp_evictions_total.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Errors accepting TCP connections (fd exhaustion included)",
+            m.accept_errors_total.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Config reloads, by result",
+            m.reloads_total.clone(),
+        );
+        registry.register(
+            "drift_repairs",
+            "Times the kernel state had drifted and was re-applied",
+            m.drift_repairs_total.clone(),
+        );
+        registry.register(
+            "ruleset_generation",
+            "nftables generation id of etp's last applied ruleset",
+            m.ruleset_generation.clone(),
+        );
+        registry.register("build_info", "etp's version", m.build_info.clone());
+        m.build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        Metrics { registry, ..m }
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels_in_the_text_format() {
+        let m = Metrics::new();
+        let fl = FlowLabels {
+            route: "svc".into(),
+            action: "linkerd".into(),
+            proto: "tcp".into(),
+        };
+        m.flows_total.get_or_create(&fl).inc();
+        m.bytes_total
+            .get_or_create(&ByteLabels {
+                route: "svc".into(),
+                direction: Direction::UpstreamToClient.as_str(),
+            })
+            .inc_by(42);
+        m.upstream_errors_total
+            .get_or_create(&ErrorLabels {
+                route: "svc".into(),
+                kind: ErrorKind::Refused.as_str(),
+            })
+            .inc();
+        m.reloads_total
+            .get_or_create(&ResultLabels { result: "ok" })
+            .inc();
+        let t = m.encode();
+        for want in [
+            "etp_flows_total{route=\"svc\",action=\"linkerd\",proto=\"tcp\"} 1",
+            "etp_bytes_total{route=\"svc\",direction=\"upstream_to_client\"} 42",
+            "etp_upstream_errors_total{route=\"svc\",kind=\"refused\"} 1",
+            "etp_reloads_total{result=\"ok\"} 1",
+            "etp_udp_evictions_total 0",
+            "etp_ruleset_generation 0",
+            "etp_build_info{version=\"",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in:\n{t}");
+        }
+    }
+
+    #[test]
+    fn connect_errors_are_sorted() {
+        let e = |n| std::io::Error::from_raw_os_error(n);
+        assert_eq!(ErrorKind::of(&e(libc::ECONNREFUSED)), ErrorKind::Refused);
+        assert_eq!(ErrorKind::of(&e(libc::ETIMEDOUT)), ErrorKind::Timeout);
+        assert_eq!(
+            ErrorKind::of(&e(libc::EHOSTUNREACH)),
+            ErrorKind::Unreachable
+        );
+        assert_eq!(ErrorKind::of(&e(libc::ENETUNREACH)), ErrorKind::Unreachable);
+        assert_eq!(ErrorKind::of(&e(libc::EACCES)), ErrorKind::Other);
+    }
+}

@@ -235,6 +235,9 @@ pub enum Match {
     Dport { proto: Proto, set: String },
     /// `socket transparent 1`
     SocketTransparent,
+    /// `ct state established` (the drain table's output chain: keep rerouting packets of
+    /// local flows etp already holds, let new ones go direct)
+    CtEstablished,
 }
 
 /// What a rule does when all its matches hold.
@@ -314,6 +317,7 @@ impl fmt::Display for Match {
             Match::L4Proto(p) => write!(f, "meta l4proto {p}"),
             Match::Dport { proto, set } => write!(f, "{proto} dport @{set}"),
             Match::SocketTransparent => f.write_str("socket transparent 1"),
+            Match::CtEstablished => f.write_str("ct state established"),
         }
     }
 }

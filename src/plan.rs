@@ -181,6 +181,31 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
     }
 }
 
+/// The drain table, installed on SIGTERM in place of the full one: no tproxy rules (new
+/// connections go straight to their destination) but packets of flows etp already holds keep
+/// reaching it (`socket transparent 1` in prerouting; with `local`, packets of established local
+/// flows are still rerouted through lo), so they can finish before the deadline.
+pub fn plan_drain(cfg: &Config) -> Desired {
+    let mut d = plan(cfg);
+    for chain in &mut d.table.chains {
+        match chain.name.as_str() {
+            CHAIN_PREROUTING => chain
+                .rules
+                .retain(|r| !matches!(r.verdict, Verdict::Tproxy { .. })),
+            CHAIN_OUTPUT => {
+                for rule in &mut chain.rules {
+                    if matches!(rule.verdict, Verdict::SetMark(_)) {
+                        rule.matches.insert(0, Match::CtEstablished);
+                        rule.comment = format!("{} (drain)", rule.comment);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    d
+}
+
 /// Set names are `r<index>_<name>` so that names which differ only in '-' vs '_' stay apart.
 fn set_base(sel: &Selector) -> String {
     format!("r{}_{}", sel.index, sel.route.name.replace('-', "_"))

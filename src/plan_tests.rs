@@ -151,3 +151,21 @@ fn handoff_redirects_to_the_configured_outbound_port() {
          comment \"etp: hand-off to the linkerd proxy's outbound port 4999\""
     );
 }
+
+#[test]
+fn drain_table_keeps_established_flows_and_drops_tproxy() {
+    let cfg = parse(
+        "[listener]\nlocal = true\n[[route]]\nname = \"a\"\nprotocols = [\"tcp\"]\n\
+         destinations = [\"10.0.0.0/8\"]\nports = [80]\naction = \"linkerd\"\n",
+    );
+    let full = plan(&cfg);
+    let drain = plan_drain(&cfg);
+    let text = drain.to_string();
+    assert!(!text.contains("tproxy"), "{text}");
+    assert!(text.contains("socket transparent 1"));
+    assert!(text.contains("ct state established ip daddr @r0_a_dst4 tcp dport @r0_a_ports counter meta mark set 0x00001000"));
+    // Same sets, same routing: the drain table only loses rules.
+    assert_eq!(drain.table.sets, full.table.sets);
+    assert_eq!(drain.ip_rules, full.ip_rules);
+    assert!(full.to_string().contains("tproxy"));
+}

@@ -1,1 +1,297 @@
-//! (being written)
+//! The socket options and system calls etp needs that the standard library and tokio lack.
+//!
+//! This is the only module with `unsafe` for sockets: `IP(V6)_RECVORIGDSTADDR` with `recvmsg`
+//! control messages (UDP original destination) and `splice(2)`. Everything else goes through
+//! `socket2`, which wraps the plain options safely.
+//!
+//! Kernel semantics worth knowing:
+//! - `IP_TRANSPARENT` / `IPV6_TRANSPARENT` need CAP_NET_ADMIN or CAP_NET_RAW. On a listener they
+//!   let TPROXY hand it packets for foreign addresses; on an outgoing socket they allow binding
+//!   to a non-local address (the client's, or the original destination for UDP replies).
+//! - `SO_MARK` needs CAP_NET_ADMIN (or CAP_NET_RAW since 5.17). etp marks every socket it opens
+//!   so its own ruleset returns early on its traffic.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::Duration;
+
+use socket2::{Domain, Socket, TcpKeepalive};
+
+/// The size of a UDP receive buffer that holds any datagram whole (IPv6 payloads reach 65527).
+pub const MAX_DATAGRAM: usize = 65536;
+
+/// Maps `::ffff:a.b.c.d` to `a.b.c.d`; other addresses are returned unchanged.
+pub fn unmap(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// The domain for an address.
+pub fn domain_of(a: &SocketAddr) -> Domain {
+    if a.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    }
+}
+
+/// Sets `IP_TRANSPARENT` or `IPV6_TRANSPARENT` (CAP_NET_ADMIN or CAP_NET_RAW), matching the
+/// socket's family.
+pub fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
+    if v6 {
+        sock.set_ip_transparent_v6(true)
+    } else {
+        sock.set_ip_transparent_v4(true)
+    }
+}
+
+/// Sets `SO_MARK` (CAP_NET_ADMIN).
+pub fn set_mark(sock: &Socket, mark: u32) -> io::Result<()> {
+    sock.set_mark(mark)
+}
+
+/// Keepalive as ztunnel sets it: first probe after 180 s idle, then every 180 s, 9 probes.
+pub fn tcp_tuning(sock: socket2::SockRef<'_>) -> io::Result<()> {
+    sock.set_tcp_nodelay(true)?;
+    let ka = TcpKeepalive::new()
+        .with_time(Duration::from_secs(180))
+        .with_interval(Duration::from_secs(180))
+        .with_retries(9);
+    sock.set_tcp_keepalive(&ka)
+}
+
+/// Makes the next close send a RST instead of a FIN (`SO_LINGER` with a zero timeout).
+pub fn set_reset_on_close(sock: socket2::SockRef<'_>) -> io::Result<()> {
+    sock.set_linger(Some(Duration::ZERO))
+}
+
+/// Asks the kernel to attach the original destination of each datagram
+/// (`IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR`) as a control message to `recvmsg`.
+pub fn set_recv_orig_dst(sock: &Socket, v6: bool) -> io::Result<()> {
+    let (level, name) = if v6 {
+        (libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR)
+    } else {
+        (libc::SOL_IP, libc::IP_RECVORIGDSTADDR)
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: `sock` is a valid open socket for the duration of the call; the option value
+    // points at a live c_int and its exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One datagram received by [`recv_with_orig_dst`].
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub len: usize,
+    /// The sender (unmapped).
+    pub src: SocketAddr,
+    /// The destination the sender addressed (unmapped); `None` if the kernel attached none.
+    pub orig_dst: Option<SocketAddr>,
+    /// The datagram was longer than the buffer and was cut (`MSG_TRUNC`).
+    pub truncated: bool,
+}
+
+/// `recvmsg` on a non-blocking UDP socket, returning the sender and the original destination
+/// from the `IP_ORIGDSTADDR` / `IPV6_ORIGDSTADDR` control message. `WouldBlock` when empty.
+pub fn recv_with_orig_dst(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    // Room for one sockaddr_in6 control message and slack for any other the kernel adds.
+    let mut control = [0u64; 16];
+    let mut src = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = src.as_mut_ptr().cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: every pointer in `msg` refers to a live local buffer of the stated length
+    // (`buf`, `src`, `control`) that outlives the call; the kernel writes within those lengths.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled `src` with msg_namelen bytes of a sockaddr of the socket's family.
+    let src = unsafe { sockaddr_to_std(src.as_ptr(), msg.msg_namelen) }
+        .ok_or_else(|| io::Error::other("recvmsg returned no IPv4/IPv6 source address"))?;
+    let mut orig_dst = None;
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, bounded by
+    // msg_controllen; each header's data is read only for the IP(V6)_ORIGDSTADDR types, whose
+    // payload is a sockaddr_in / sockaddr_in6 (read unaligned: the buffer makes no promise).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let h = &*c;
+            let data = libc::CMSG_DATA(c);
+            if h.cmsg_level == libc::SOL_IP && h.cmsg_type == libc::IP_ORIGDSTADDR {
+                let sin: libc::sockaddr_in = std::ptr::read_unaligned(data.cast());
+                orig_dst = Some(SocketAddr::V4(v4_from(&sin)));
+            } else if h.cmsg_level == libc::SOL_IPV6 && h.cmsg_type == libc::IPV6_ORIGDSTADDR {
+                let sin6: libc::sockaddr_in6 = std::ptr::read_unaligned(data.cast());
+                orig_dst = Some(SocketAddr::V6(v6_from(&sin6)));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Received {
+        len: n as usize,
+        src: unmap(src),
+        orig_dst: orig_dst.map(unmap),
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+    })
+}
+
+fn v4_from(sin: &libc::sockaddr_in) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+        u16::from_be(sin.sin_port),
+    )
+}
+
+fn v6_from(sin6: &libc::sockaddr_in6) -> SocketAddrV6 {
+    SocketAddrV6::new(
+        Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+        u16::from_be(sin6.sin6_port),
+        sin6.sin6_flowinfo,
+        sin6.sin6_scope_id,
+    )
+}
+
+/// # Safety
+/// `p` must point to at least `len` initialised bytes of a sockaddr.
+unsafe fn sockaddr_to_std(
+    p: *const libc::sockaddr_storage,
+    len: libc::socklen_t,
+) -> Option<SocketAddr> {
+    let len = len as usize;
+    // SAFETY: the caller guarantees `p` is valid; ss_family is at the same offset in every
+    // sockaddr and the length checks keep the casts within what the kernel wrote.
+    unsafe {
+        match (*p).ss_family as libc::c_int {
+            libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
+                Some(SocketAddr::V4(v4_from(&*(p.cast::<libc::sockaddr_in>()))))
+            }
+            libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
+                Some(SocketAddr::V6(v6_from(&*(p.cast::<libc::sockaddr_in6>()))))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A pipe for `splice(2)`: bytes move socket -> pipe -> socket without entering user space.
+pub struct Pipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+}
+
+impl Pipe {
+    /// A non-blocking pipe, enlarged to `size` bytes if the kernel allows (`F_SETPIPE_SZ`).
+    pub fn new(size: usize) -> io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is a live array of two c_ints, as pipe2 requires.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        use std::os::fd::FromRawFd;
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+        let (read, write) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        // SAFETY: plain fcntl on a descriptor we own; failure (size over pipe-max-size) is fine.
+        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        Ok(Pipe { read, write })
+    }
+
+    /// Moves up to `len` bytes from socket `from` into the pipe. `Ok(0)` is end of stream.
+    pub fn fill(&self, from: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        splice(from.as_raw_fd(), self.write.as_raw_fd(), len)
+    }
+
+    /// Moves up to `len` bytes from the pipe into socket `to`.
+    pub fn drain(&self, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        splice(self.read.as_raw_fd(), to.as_raw_fd(), len)
+    }
+}
+
+fn splice(from: libc::c_int, to: libc::c_int, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the duration of the call (borrowed by the caller);
+    // null offsets mean "use the file position", which sockets and pipes require.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unmap_v4_mapped_only() {
+        let m: SocketAddr = "[::ffff:10.1.2.3]:80".parse().unwrap();
+        assert_eq!(unmap(m), "10.1.2.3:80".parse::<SocketAddr>().unwrap());
+        let v6: SocketAddr = "[fd00::1]:80".parse().unwrap();
+        assert_eq!(unmap(v6), v6);
+    }
+
+    #[test]
+    fn recvmsg_reports_source_without_tproxy() {
+        // Without TPROXY the original destination of a datagram is the socket's own address.
+        let rx = Socket::new(Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        set_recv_orig_dst(&rx, false).unwrap();
+        rx.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let at = rx.local_addr().unwrap().as_socket().unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(b"hello", at).unwrap();
+        let mut buf = [0u8; 3];
+        use std::os::fd::AsFd;
+        let r = (0..100)
+            .find_map(|_| match recv_with_orig_dst(rx.as_fd(), &mut buf) {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    None
+                }
+            })
+            .expect("datagram within 1 s");
+        assert_eq!(r.src, tx.local_addr().unwrap());
+        assert_eq!(r.orig_dst, Some(at));
+        assert!(r.truncated, "5 bytes into a 3-byte buffer");
+        assert_eq!(&buf, b"hel");
+    }
+}

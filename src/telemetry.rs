@@ -42,3 +42,16 @@ mod tests {
         assert_eq!(super::level_for(9), "trace");
     }
 }
+
+/// An error and its causes on one line: `applying the ruleset: policy routing: adding ...: File exists`.
+/// Error types keep causes as `#[source]` and leave them out of their own message.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -43,7 +43,9 @@ pub fn etp_bin() -> PathBuf {
 
 /// Runs a command and panics with its output if it fails.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -88,7 +90,10 @@ impl Netns {
 
     /// Runs `prog args` in the namespace and returns the raw output, failing or not.
     pub fn try_exec(&self, prog: &str, args: &[&str]) -> Output {
-        self.cmd(prog).args(args).output().expect("spawn ip netns exec")
+        self.cmd(prog)
+            .args(args)
+            .output()
+            .expect("spawn ip netns exec")
     }
 
     pub fn ip(&self, args: &[&str]) -> String {
@@ -135,7 +140,9 @@ impl Drop for Netns {
                     let _ = Command::new("kill").args(["-9", pid]).status();
                 }
             });
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -143,7 +150,9 @@ impl Drop for Netns {
 /// `a_addrs` / `b_addrs` are CIDR strings like "10.1.0.1/24", "fd01::1/64".
 pub fn link(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs: &[&str]) {
     // Create in `a`, move the peer into `b`: names only need to be unique per namespace.
-    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name]);
+    a.ip(&[
+        "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+    ]);
     for (ns, ifname, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
         for addr in addrs {
             let mut args = vec!["addr", "add", addr, "dev", ifname];

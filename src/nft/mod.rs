@@ -1,1 +1,25 @@
-//! (being written)
+//! etp's nftables table over netlink: `encode` (pure) builds one transaction from the model,
+//! `socket` (the kernel edge) sends it, and `audit` reads the table back and compares.
+//!
+//! - `expr`   nf_tables expressions the nftnl crate lacks (tproxy, redir, named lookup, payload)
+//! - `wire`   netlink framing: batch BEGIN/END, element messages, reply parsing
+//! - `encode` `model::Table` -> [`Batch`] (labelled messages; no socket)
+//! - `text`   libnftnl's text form of rules (golden tests, audit)
+//! - `socket` [`Nft`]: open, generation id, apply, delete_table [edge]
+//! - `audit`  read back and compare -> [`Drift`] [edge]
+
+mod audit;
+mod encode;
+mod error;
+pub mod expr;
+mod socket;
+pub mod text;
+pub mod wire;
+
+pub use audit::Drift;
+pub use encode::{
+    elem_text, encode, encode_replace, hook_number, Batch, Current, CurrentChain, CurrentSet,
+    EncodeError, MsgInfo, Object,
+};
+pub use error::NftError;
+pub use socket::{ApplyReport, Nft};

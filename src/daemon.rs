@@ -1,0 +1,462 @@
+//! The daemon: start order, SIGHUP reload, SIGTERM drain, periodic drift repair.
+//!
+//! Start order: signal handlers first (a SIGHUP or SIGTERM during start-up is queued, not fatal),
+//! config, admin endpoint, listeners, *then* the ruleset (rules never point at a port with no
+//! listener), then `READY=1`. Reload re-reads the same file with the same command-line
+//! overrides and is all-or-nothing. Shutdown swaps in the drain table (new traffic goes direct,
+//! established flows keep reaching etp), stops accepting, drains up to the deadline, then
+//! removes etp's table, rules and routes (unless `fail_closed`).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, ConfigError};
+use crate::kernel::{Kernel, KernelError};
+use crate::metrics::{Metrics, ResultLabels};
+use crate::model::Desired;
+use crate::plan;
+use crate::telemetry::chain;
+use crate::tproxy::{Dataplane, ListenError, Listeners, Runtime};
+
+/// Where the config comes from, and the command-line values that override the file.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// `None`: the embedded default.
+    pub path: Option<PathBuf>,
+    pub port: Option<u16>,
+}
+
+impl Source {
+    /// Loads, validates and applies overrides (a flag overrides the file).
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut cfg = match &self.path {
+            Some(p) => Config::load(p)?,
+            None => Config::embedded(),
+        };
+        if let Some(port) = self.port {
+            cfg.listener.port = port;
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("installing signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("config")]
+    Config(#[source] ConfigError),
+    #[error("starting the admin endpoint")]
+    Admin(#[source] admin::AdminError),
+    #[error("binding the TPROXY listeners")]
+    Listen(#[source] ListenError),
+    #[error("connecting to the kernel")]
+    Connect(#[source] KernelError),
+    #[error("applying the ruleset at start-up")]
+    Apply(#[source] KernelError),
+}
+
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, DaemonError> {
+        let s = |k| signal(k).map_err(DaemonError::Signals);
+        Ok(Signals {
+            hup: s(SignalKind::hangup())?,
+            term: s(SignalKind::terminate())?,
+            int: s(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// One bound set of listeners and the handle that stops their accept loops.
+struct Serving {
+    port: u16,
+    ipv6: bool,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    fn start(dp: &Arc<Dataplane>, listeners: Listeners, port: u16, ipv6: bool) -> Serving {
+        let (tx, rx) = oneshot::channel::<()>();
+        let dp = Arc::clone(dp);
+        let task = tokio::spawn(async move {
+            dp.serve(listeners, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        Serving {
+            port,
+            ipv6,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// Everything the running daemon holds.
+struct Daemon {
+    source: Source,
+    cfg: Config,
+    desired: Desired,
+    kernel: Kernel,
+    /// The generation id after etp's own last commit; a different one means someone else
+    /// committed (maybe to another table) and an audit is due.
+    generation: u32,
+    runtime_tx: watch::Sender<Arc<Runtime>>,
+    dataplane: Arc<Dataplane>,
+    serving: Serving,
+    metrics: Arc<Metrics>,
+    admin: Arc<AdminState>,
+    last_reload: Option<(SystemTime, Result<(), String>)>,
+    started: SystemTime,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT, then drains and cleans up.
+pub async fn run(source: Source) -> Result<(), DaemonError> {
+    let mut signals = Signals::install()?;
+    let cfg = source.load().map_err(DaemonError::Config)?;
+    let metrics = Arc::new(Metrics::new());
+    let admin_state = AdminState::new(Arc::clone(&metrics));
+    let admin_listener = admin::bind(cfg.admin.address)
+        .await
+        .map_err(DaemonError::Admin)?;
+    tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin_state)));
+
+    let listeners =
+        Listeners::bind(cfg.listener.port, cfg.listener.ipv6).map_err(DaemonError::Listen)?;
+    let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::new(&cfg)));
+    let dataplane = Arc::new(Dataplane::new(runtime_rx, Arc::clone(&metrics)));
+    let serving = Serving::start(&dataplane, listeners, cfg.listener.port, cfg.listener.ipv6);
+
+    let mut kernel = Kernel::connect().await.map_err(DaemonError::Connect)?;
+    let desired = plan::plan(&cfg);
+    // A stale table from a crashed run is replaced by this same single transaction.
+    let applied = kernel
+        .apply(&desired, None)
+        .await
+        .map_err(DaemonError::Apply)?;
+    metrics
+        .ruleset_generation
+        .set(i64::from(applied.generation));
+    info!(
+        generation = applied.generation,
+        messages = applied.messages,
+        bytes = applied.bytes,
+        routes = %applied.routes,
+        "ruleset applied"
+    );
+    admin_state.ready.store(true, Ordering::SeqCst);
+    write_pid_file(&cfg);
+    notify_ready();
+    info!(
+        port = cfg.listener.port,
+        ipv6 = cfg.listener.ipv6,
+        local = cfg.listener.local,
+        admin = %cfg.admin.address,
+        outbound = cfg.linkerd.outbound_port,
+        routes = cfg.routes.len(),
+        "etp started"
+    );
+
+    let mut d = Daemon {
+        source,
+        generation: applied.generation,
+        cfg,
+        desired,
+        kernel,
+        runtime_tx,
+        dataplane,
+        serving,
+        metrics,
+        admin: admin_state,
+        last_reload: None,
+        started: SystemTime::now(),
+    };
+    d.publish_status();
+    d.serve(&mut signals).await;
+    d.shutdown().await;
+    Ok(())
+}
+
+impl Daemon {
+    async fn serve(&mut self, signals: &mut Signals) {
+        let mut resync = tokio::time::interval(self.cfg.daemon.resync_interval);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.tick().await; // the first tick is immediate; the ruleset was just applied
+        let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = signals.hup.recv() => {
+                    // Signals that arrive while a reload runs are coalesced by the stream into
+                    // one more wake-up: a burst yields at most two reloads.
+                    self.reload().await;
+                }
+                _ = signals.term.recv() => { info!("SIGTERM: shutting down"); return; }
+                _ = signals.int.recv() => { info!("SIGINT: shutting down"); return; }
+                _ = resync.tick() => self.resync().await,
+                _ = status_tick.tick() => self.publish_status(),
+            }
+            if resync.period() != self.cfg.daemon.resync_interval {
+                resync = tokio::time::interval(self.cfg.daemon.resync_interval);
+                resync.tick().await;
+            }
+        }
+    }
+
+    /// Parse, validate, plan, (re)bind if the port changed, apply in one transaction. Any
+    /// failure leaves the running ruleset, listeners and routes exactly as they were.
+    async fn reload(&mut self) {
+        let started = Instant::now();
+        let result = self.try_reload().await;
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .reloads_total
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        match &result {
+            Ok(()) => info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                generation = self.generation,
+                "reloaded"
+            ),
+            Err(e) => error!(error = %e, "reload failed; the previous config stays in force"),
+        }
+        self.last_reload = Some((SystemTime::now(), result));
+        self.publish_status();
+    }
+
+    async fn try_reload(&mut self) -> Result<(), String> {
+        let cfg = self
+            .source
+            .load()
+            .map_err(|e| format!("config: {}", chain(&e)))?;
+        let desired = plan::plan(&cfg);
+        let rebind =
+            cfg.listener.port != self.serving.port || cfg.listener.ipv6 != self.serving.ipv6;
+        let new_serving = if rebind {
+            let l = Listeners::bind(cfg.listener.port, cfg.listener.ipv6).map_err(|e| {
+                format!(
+                    "binding listeners on port {}: {}",
+                    cfg.listener.port,
+                    chain(&e)
+                )
+            })?;
+            Some(Serving::start(
+                &self.dataplane,
+                l,
+                cfg.listener.port,
+                cfg.listener.ipv6,
+            ))
+        } else {
+            None
+        };
+        // Publish the new routes before the kernel sends flows under them.
+        let old_runtime = self.runtime_tx.send_replace(Arc::new(Runtime::new(&cfg)));
+        match self.kernel.apply(&desired, None).await {
+            Ok(applied) => {
+                self.generation = applied.generation;
+                self.metrics
+                    .ruleset_generation
+                    .set(i64::from(applied.generation));
+                if !applied.routes.is_empty() {
+                    info!(changes = %applied.routes, "policy routing changed");
+                }
+            }
+            Err(e) => {
+                self.runtime_tx.send_replace(old_runtime);
+                if let Some(s) = new_serving {
+                    s.stop().await;
+                }
+                // The routing half may have changed before nftables refused the batch: put the
+                // old routing back so that nothing is half-applied.
+                if let Err(e2) = self.kernel.apply(&self.desired, None).await {
+                    error!(error = %chain(&e2), "restoring the previous ruleset after a failed reload");
+                }
+                return Err(format!("applying the ruleset: {}", chain(&e)));
+            }
+        }
+        if let Some(s) = new_serving {
+            let old = std::mem::replace(&mut self.serving, s);
+            old.stop().await;
+            info!(port = cfg.listener.port, "listeners moved to the new port");
+        }
+        self.cfg = cfg;
+        self.desired = desired;
+        Ok(())
+    }
+
+    /// Drift check: the generation id first (cheap); a full audit only when it moved; routing
+    /// is checked on every tick (two small dumps). Drift is repaired in one transaction.
+    async fn resync(&mut self) {
+        let generation = match self.kernel.generation() {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(error = %chain(&e), "resync: reading the generation id failed");
+                return;
+            }
+        };
+        let drift = if generation != self.generation {
+            self.kernel.audit(&self.desired).await
+        } else {
+            self.kernel.audit_routing(&self.desired).await
+        };
+        let drift = match drift {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %chain(&e), "resync: audit failed");
+                return;
+            }
+        };
+        if drift.is_empty() {
+            self.generation = generation;
+            return;
+        }
+        for d in &drift {
+            warn!(drift = %d, "drift found");
+        }
+        match self.kernel.apply(&self.desired, None).await {
+            Ok(applied) => {
+                self.generation = applied.generation;
+                self.metrics
+                    .ruleset_generation
+                    .set(i64::from(applied.generation));
+                self.metrics.drift_repairs_total.inc();
+                info!(
+                    repaired = drift.len(),
+                    generation = applied.generation,
+                    "drift repaired"
+                );
+            }
+            Err(e) => {
+                error!(error = %chain(&e), "drift repair failed; retrying at the next resync")
+            }
+        }
+        self.publish_status();
+    }
+
+    async fn shutdown(mut self) {
+        self.admin.ready.store(false, Ordering::SeqCst);
+        let deadline = self.cfg.daemon.drain_timeout;
+        if !self.cfg.daemon.fail_closed {
+            match self.kernel.apply_table(&plan::plan_drain(&self.cfg)) {
+                Ok(_) => info!("drain table installed: new traffic now goes direct"),
+                Err(e) => error!(error = %chain(&e), "installing the drain table"),
+            }
+        }
+        let active = self.dataplane.active_flows();
+        self.serving.stop().await;
+        info!(active, deadline_s = deadline.as_secs(), "draining flows");
+        self.dataplane.drain(deadline).await;
+        if self.cfg.daemon.fail_closed {
+            info!("fail_closed: leaving the ruleset in place");
+        } else {
+            match self.kernel.cleanup().await {
+                Ok(r) => info!(
+                    table = r.table,
+                    routing_entries = r.routing_entries,
+                    "ruleset removed"
+                ),
+                Err(e) => error!(error = %chain(&e), "removing the ruleset"),
+            }
+        }
+        let _ = std::fs::remove_file(&self.cfg.daemon.pid_file);
+        info!("etp stopped");
+    }
+
+    fn publish_status(&self) {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "etp {} (pid {})",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id()
+        );
+        let _ = writeln!(s, "config: {}", self.cfg.source);
+        let _ = writeln!(
+            s,
+            "uptime: {}s",
+            self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0)
+        );
+        let _ = writeln!(
+            s,
+            "listener: port {} ipv6 {} local {}",
+            self.cfg.listener.port, self.cfg.listener.ipv6, self.cfg.listener.local
+        );
+        let _ = writeln!(s, "ruleset generation: {}", self.generation);
+        let _ = writeln!(s, "active flows: {}", self.dataplane.active_flows());
+        match &self.last_reload {
+            None => {
+                let _ = writeln!(s, "last reload: none");
+            }
+            Some((t, r)) => {
+                let ago = t.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+                let r = match r {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => format!("failed: {e}"),
+                };
+                let _ = writeln!(s, "last reload: {ago}s ago, {r}");
+            }
+        }
+        let _ = writeln!(s, "routes:");
+        for r in &self.cfg.routes {
+            let protos: Vec<String> = r.protocols.iter().map(|p| p.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "  {:<16} {:<8} {:<24} {} destinations, {} port ranges",
+                r.name,
+                protos.join("+"),
+                r.action.to_string(),
+                r.destinations.len(),
+                r.ports.len()
+            );
+        }
+        let _ = writeln!(s, "counters:");
+        for line in self.metrics.encode().lines() {
+            if line.starts_with("etp_") && !line.starts_with("etp_build_info") {
+                let _ = writeln!(s, "  {line}");
+            }
+        }
+        self.admin.set_status(s);
+    }
+}
+
+fn write_pid_file(cfg: &Config) {
+    let path = &cfg.daemon.pid_file;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
+        warn!(path = %path.display(), error = %e, "writing the pid file failed; `etp reload` will need systemd or kill -HUP");
+    }
+}
+
+/// `READY=1` to systemd when `NOTIFY_SOCKET` is set (Type=notify).
+fn notify_ready() {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+            warn!(error = %e, "sd_notify READY=1 failed");
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! Reads etp's table back over netlink and compares it with the desired `model::Table`.
+//!
+//! Rules are compared by their libnftnl expression text (counter values normalised away) and
+//! comment, in order; the desired text comes from encoding the model, so a rule that `encode`
+//! would write identically is in sync. Interval sets come back as start/end element pairs, in any
+//! order (rbtree dumps are descending), and are rebuilt into intervals before comparing.
+
+use std::fmt;
+
+use super::encode::{encode, Current, CurrentChain, CurrentSet, Object};
+use super::error::NftError;
+use super::socket::Nft;
+use super::text::{rule_text, RuleText};
+use super::wire::{self, Attrs, Msgs};
+use crate::model::Table;
+
+/// A difference between the kernel and the desired table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    MissingTable {
+        table: String,
+    },
+    MissingChain {
+        chain: String,
+    },
+    ExtraChain {
+        chain: String,
+    },
+    ChangedChain {
+        chain: String,
+        want: String,
+        have: String,
+    },
+    MissingSet {
+        set: String,
+    },
+    ExtraSet {
+        set: String,
+    },
+    ChangedSet {
+        set: String,
+        want: String,
+        have: String,
+    },
+    MissingRule {
+        chain: String,
+        comment: String,
+        text: String,
+    },
+    ExtraRule {
+        chain: String,
+        handle: u64,
+        comment: String,
+        text: String,
+    },
+    MissingElement {
+        set: String,
+        elem: String,
+    },
+    ExtraElement {
+        set: String,
+        elem: String,
+    },
+}
+
+impl fmt::Display for Drift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Drift::MissingTable { table } => write!(f, "missing table inet {table}"),
+            Drift::MissingChain { chain } => write!(f, "missing chain {chain}"),
+            Drift::ExtraChain { chain } => write!(f, "extra chain {chain}"),
+            Drift::ChangedChain { chain, want, have } => {
+                write!(f, "changed chain {chain}: want {want}, have {have}")
+            }
+            Drift::MissingSet { set } => write!(f, "missing set {set}"),
+            Drift::ExtraSet { set } => write!(f, "extra set {set}"),
+            Drift::ChangedSet { set, want, have } => {
+                write!(f, "changed set {set}: want {want}, have {have}")
+            }
+            Drift::MissingRule {
+                chain,
+                comment,
+                text,
+            } => {
+                write!(f, "missing rule in chain {chain}: \"{comment}\": {text}")
+            }
+            Drift::ExtraRule {
+                chain,
+                handle,
+                comment,
+                text,
+            } => write!(
+                f,
+                "extra rule in chain {chain} (handle {handle}): \"{comment}\": {text}"
+            ),
+            Drift::MissingElement { set, elem } => write!(f, "missing element {elem} in set {set}"),
+            Drift::ExtraElement { set, elem } => write!(f, "extra element {elem} in set {set}"),
+        }
+    }
+}
+
+// Attribute numbers of the dumps we read.
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_RULE_TABLE: u16 = 1;
+
+fn be32(d: &[u8]) -> u32 {
+    d.get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0)
+}
+
+fn strz(d: &[u8]) -> String {
+    let end = d.iter().position(|&b| b == 0).unwrap_or(d.len());
+    String::from_utf8_lossy(&d[..end]).into_owned()
+}
+
+fn hook_name(n: u32) -> String {
+    // NF_INET_* numbering.
+    match n {
+        0 => "prerouting".into(),
+        1 => "input".into(),
+        2 => "forward".into(),
+        3 => "output".into(),
+        4 => "postrouting".into(),
+        n => format!("hook{n}"),
+    }
+}
+
+fn chain_desc(kind: &str, hook: &str, prio: i32) -> String {
+    format!("type {kind} hook {hook} priority {prio}")
+}
+
+fn set_desc(key_type: u32, key_len: u32, flags: u32) -> String {
+    format!("key type {key_type} len {key_len} flags {flags:#x}")
+}
+
+/// An interval as nft shows it: `10.0.0.0/8`, `10.0.0.1`, `1-65535`, or `a-b` when the range
+/// is not a prefix.
+pub fn interval_text(start: &[u8], end: Option<&[u8]>) -> String {
+    match start.len() {
+        2 => {
+            let s = u16::from_be_bytes([start[0], start[1]]);
+            let last = end
+                .map(|e| u16::from_be_bytes([e[0], e[1]]).wrapping_sub(1))
+                .unwrap_or(u16::MAX);
+            if s == last {
+                s.to_string()
+            } else {
+                format!("{s}-{last}")
+            }
+        }
+        4 | 16 => {
+            let bits = start.len() as u32 * 8;
+            let to_u128 = |b: &[u8]| b.iter().fold(0u128, |a, &x| (a << 8) | u128::from(x));
+            let s = to_u128(start);
+            let top = if bits == 128 {
+                u128::MAX
+            } else {
+                (1u128 << bits) - 1
+            };
+            let last = end.map(|e| to_u128(e).wrapping_sub(1)).unwrap_or(top);
+            let show = |v: u128| -> String {
+                if bits == 32 {
+                    std::net::Ipv4Addr::from(v as u32).to_string()
+                } else {
+                    std::net::Ipv6Addr::from(v).to_string()
+                }
+            };
+            let size = last.wrapping_sub(s).wrapping_add(1);
+            let host_bits = if size == 0 {
+                bits
+            } else {
+                size.trailing_zeros()
+            };
+            let is_prefix = (size == 0 || size.is_power_of_two())
+                && (host_bits >= 128 || s & ((1u128 << host_bits) - 1) == 0);
+            if s == last {
+                show(s)
+            } else if is_prefix {
+                format!("{}/{}", show(s), bits - host_bits.min(bits))
+            } else {
+                format!("{}-{}", show(s), show(last))
+            }
+        }
+        _ => format!("{start:02x?}"),
+    }
+}
+
+/// Rebuilds intervals from dumped elements `(key, is_end)`: sorted by key with ends before
+/// starts at the same key (adjacent intervals), a start followed by its end; an end without a
+/// start (nft's leading zero element) is ignored; a trailing start is open-ended.
+fn intervals(mut elems: Vec<(Vec<u8>, bool)>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    elems.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let mut out = Vec::new();
+    let mut open: Option<Vec<u8>> = None;
+    for (key, is_end) in elems {
+        if is_end {
+            if let Some(s) = open.take() {
+                out.push((s, Some(key)));
+            }
+        } else if let Some(s) = open.replace(key) {
+            out.push((s, None));
+        }
+    }
+    if let Some(s) = open {
+        out.push((s, None));
+    }
+    out
+}
+
+fn parse_elems(msgs: &[Vec<u8>]) -> Vec<(Vec<u8>, bool)> {
+    let mut out = Vec::new();
+    for raw in msgs {
+        for m in Msgs(raw) {
+            for (ty, d) in m.nft_attrs() {
+                if ty != wire::NFTA_SET_ELEM_LIST_ELEMENTS {
+                    continue;
+                }
+                for (_, elem) in Attrs(d) {
+                    let mut key = None;
+                    let mut end = false;
+                    for (t, v) in Attrs(elem) {
+                        if t == wire::NFTA_SET_ELEM_KEY {
+                            key = Attrs(v)
+                                .find(|(t, _)| *t == wire::NFTA_DATA_VALUE)
+                                .map(|(_, k)| k.to_vec());
+                        } else if t == wire::NFTA_SET_ELEM_FLAGS {
+                            end = be32(v) & wire::NFT_SET_ELEM_INTERVAL_END != 0;
+                        }
+                    }
+                    if let Some(k) = key {
+                        out.push((k, end));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Longest common subsequence alignment of two rule lists: (missing from have, extra in have).
+fn diff_rules<'a>(
+    want: &'a [RuleText],
+    have: &'a [RuleText],
+) -> (Vec<&'a RuleText>, Vec<&'a RuleText>) {
+    let same = |a: &RuleText, b: &RuleText| a.exprs == b.exprs && a.comment == b.comment;
+    let (n, m) = (want.len(), have.len());
+    let mut l = vec![vec![0u32; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            l[i][j] = if same(&want[i], &have[j]) {
+                l[i + 1][j + 1] + 1
+            } else {
+                l[i + 1][j].max(l[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    let (mut missing, mut extra) = (Vec::new(), Vec::new());
+    while i < n && j < m {
+        if same(&want[i], &have[j]) {
+            i += 1;
+            j += 1;
+        } else if l[i + 1][j] >= l[i][j + 1] {
+            missing.push(&want[i]);
+            i += 1;
+        } else {
+            extra.push(&have[j]);
+            j += 1;
+        }
+    }
+    missing.extend(want[i..].iter());
+    extra.extend(have[j..].iter());
+    (missing, extra)
+}
+
+impl Nft {
+    /// Compares the kernel's `table inet NAME` with `table`; empty when in sync.
+    pub fn audit(&mut self, table: &Table) -> Result<Vec<Drift>, NftError> {
+        let name = table.name.as_str();
+        if !self.table_exists(name)? {
+            return Ok(vec![Drift::MissingTable {
+                table: name.to_string(),
+            }]);
+        }
+        let mut drift = Vec::new();
+
+        let current = self.read_current(name)?;
+        for c in &table.chains {
+            let want = chain_desc(&c.kind.to_string(), &c.hook.to_string(), c.priority);
+            match current.chains.iter().find(|k| k.name == c.name) {
+                None => drift.push(Drift::MissingChain {
+                    chain: c.name.clone(),
+                }),
+                Some(k) => {
+                    let have = chain_desc(&k.kind, &hook_name(k.hook), k.priority);
+                    if have != want {
+                        drift.push(Drift::ChangedChain {
+                            chain: c.name.clone(),
+                            want,
+                            have,
+                        });
+                    }
+                }
+            }
+        }
+        for k in &current.chains {
+            if !table.chains.iter().any(|c| c.name == k.name) {
+                drift.push(Drift::ExtraChain {
+                    chain: k.name.clone(),
+                });
+            }
+        }
+
+        // Rules: desired text from our own encoding, actual from the dump.
+        let batch = encode(table)?;
+        let mut want_rules: Vec<Vec<RuleText>> = vec![Vec::new(); table.chains.len()];
+        for (i, m) in batch.messages().iter().enumerate() {
+            if let Object::Rule { chain, .. } = m.object {
+                if let Some(t) = rule_text(batch.message(i)) {
+                    want_rules[chain].push(t);
+                }
+            }
+        }
+        let rules = self.dump(
+            wire::NFT_MSG_GETRULE,
+            &[(NFTA_RULE_TABLE, name)],
+            "GETRULE dump",
+        )?;
+        let mut have_rules: Vec<RuleText> = Vec::new();
+        for raw in &rules {
+            for m in Msgs(raw) {
+                if let Some(t) = rule_text(m.bytes) {
+                    have_rules.push(t);
+                }
+            }
+        }
+        for (ci, c) in table.chains.iter().enumerate() {
+            let have: Vec<RuleText> = have_rules
+                .iter()
+                .filter(|r| r.chain == c.name)
+                .cloned()
+                .collect();
+            let (missing, extra) = diff_rules(&want_rules[ci], &have);
+            for r in missing {
+                drift.push(Drift::MissingRule {
+                    chain: c.name.clone(),
+                    comment: r.comment.clone().unwrap_or_default(),
+                    text: r.exprs_line(),
+                });
+            }
+            for r in extra {
+                drift.push(Drift::ExtraRule {
+                    chain: c.name.clone(),
+                    handle: r.handle,
+                    comment: r.comment.clone().unwrap_or_default(),
+                    text: r.exprs_line(),
+                });
+            }
+        }
+
+        // Sets and their elements.
+        for s in &table.sets {
+            let (kt, kl) = match &s.elems {
+                crate::model::SetElems::V4(_) => (7, 4),
+                crate::model::SetElems::V6(_) => (8, 16),
+                crate::model::SetElems::Ports(_) => (13, 2),
+            };
+            let want = set_desc(kt, kl, libc::NFT_SET_INTERVAL as u32);
+            let have = current
+                .sets
+                .iter()
+                .find(|k| k.name == s.name)
+                .map(|k| (k.name.clone(), set_desc(k.key_type, k.key_len, k.flags)));
+            match have {
+                None => {
+                    drift.push(Drift::MissingSet {
+                        set: s.name.clone(),
+                    });
+                    continue;
+                }
+                Some((_, have)) if have != want => {
+                    drift.push(Drift::ChangedSet {
+                        set: s.name.clone(),
+                        want,
+                        have,
+                    });
+                    continue;
+                }
+                Some(_) => {}
+            }
+            let raw = self.dump(
+                wire::NFT_MSG_GETSETELEM,
+                &[
+                    (wire::NFTA_SET_ELEM_LIST_TABLE, name),
+                    (wire::NFTA_SET_ELEM_LIST_SET, &s.name),
+                ],
+                "GETSETELEM dump",
+            )?;
+            let mut have = intervals(parse_elems(&raw));
+            let mut want = s.elems.key_intervals();
+            want.sort();
+            have.sort();
+            let (mut i, mut j) = (0, 0);
+            while i < want.len() || j < have.len() {
+                let ord = match (want.get(i), have.get(j)) {
+                    (Some(a), Some(b)) => a.cmp(b),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    _ => std::cmp::Ordering::Greater,
+                };
+                match ord {
+                    std::cmp::Ordering::Equal => {
+                        i += 1;
+                        j += 1;
+                    }
+                    std::cmp::Ordering::Less => {
+                        let (a, b) = &want[i];
+                        drift.push(Drift::MissingElement {
+                            set: s.name.clone(),
+                            elem: interval_text(a, b.as_deref()),
+                        });
+                        i += 1;
+                    }
+                    std::cmp::Ordering::Greater => {
+                        let (a, b) = &have[j];
+                        drift.push(Drift::ExtraElement {
+                            set: s.name.clone(),
+                            elem: interval_text(a, b.as_deref()),
+                        });
+                        j += 1;
+                    }
+                }
+            }
+        }
+        for k in &current.sets {
+            if !table.sets.iter().any(|s| s.name == k.name) {
+                drift.push(Drift::ExtraSet {
+                    set: k.name.clone(),
+                });
+            }
+        }
+        Ok(drift)
+    }
+
+    /// The chains and sets of `table inet NAME` now (empty when the table does not exist).
+    pub fn read_current(&mut self, name: &str) -> Result<Current, NftError> {
+        let mut current = Current::default();
+        if !self.table_exists(name)? {
+            return Ok(current);
+        }
+        let chains = self.dump(
+            wire::NFT_MSG_GETCHAIN,
+            &[(NFTA_CHAIN_TABLE, name)],
+            "GETCHAIN dump",
+        )?;
+        for raw in &chains {
+            for m in Msgs(raw) {
+                let mut t = String::new();
+                let mut c = CurrentChain {
+                    name: String::new(),
+                    kind: String::new(),
+                    hook: u32::MAX,
+                    priority: 0,
+                };
+                for (ty, d) in m.nft_attrs() {
+                    match ty {
+                        NFTA_CHAIN_TABLE => t = strz(d),
+                        NFTA_CHAIN_NAME => c.name = strz(d),
+                        NFTA_CHAIN_TYPE => c.kind = strz(d),
+                        NFTA_CHAIN_HOOK => {
+                            for (h, v) in Attrs(d) {
+                                match h {
+                                    NFTA_HOOK_HOOKNUM => c.hook = be32(v),
+                                    NFTA_HOOK_PRIORITY => c.priority = be32(v) as i32,
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if t == name {
+                    current.chains.push(c);
+                }
+            }
+        }
+        let sets = self.dump(
+            wire::NFT_MSG_GETSET,
+            &[(NFTA_SET_TABLE, name)],
+            "GETSET dump",
+        )?;
+        for raw in &sets {
+            for m in Msgs(raw) {
+                let mut t = String::new();
+                let mut s = CurrentSet {
+                    name: String::new(),
+                    key_type: 0,
+                    key_len: 0,
+                    flags: 0,
+                };
+                for (ty, d) in m.nft_attrs() {
+                    match ty {
+                        NFTA_SET_TABLE => t = strz(d),
+                        NFTA_SET_NAME => s.name = strz(d),
+                        NFTA_SET_FLAGS => s.flags = be32(d),
+                        NFTA_SET_KEY_TYPE => s.key_type = be32(d),
+                        NFTA_SET_KEY_LEN => s.key_len = be32(d),
+                        _ => {}
+                    }
+                }
+                if t == name {
+                    current.sets.push(s);
+                }
+            }
+        }
+        Ok(current)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_text_prints_like_nft() {
+        assert_eq!(
+            interval_text(&[10, 0, 0, 0], Some(&[11, 0, 0, 0])),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            interval_text(&[10, 0, 0, 1], Some(&[10, 0, 0, 2])),
+            "10.0.0.1"
+        );
+        assert_eq!(interval_text(&[0, 0, 0, 0], None), "0.0.0.0/0");
+        assert_eq!(
+            interval_text(&[10, 0, 0, 1], Some(&[10, 0, 0, 4])),
+            "10.0.0.1-10.0.0.3"
+        );
+        assert_eq!(interval_text(&[0, 1], None), "1-65535");
+        assert_eq!(interval_text(&[0, 53], Some(&[0, 54])), "53");
+        let mut v6 = [0u8; 16];
+        v6[0] = 0xfd;
+        let mut v6e = v6;
+        v6e[15] = 1;
+        assert_eq!(interval_text(&v6, Some(&v6e)), "fd00::");
+        v6e[15] = 0;
+        v6e[13] = 1;
+        assert_eq!(interval_text(&v6, Some(&v6e)), "fd00::/112");
+    }
+
+    #[test]
+    fn intervals_rebuild_descending_dumps_with_adjacent_ranges() {
+        let k = |x: u8| vec![0, x];
+        // [1,3) [3,5) [9,open), dumped descending, plus nft's leading zero end element.
+        let dumped = vec![
+            (k(9), false),
+            (k(5), true),
+            (k(3), false),
+            (k(3), true),
+            (k(1), false),
+            (k(0), true),
+        ];
+        assert_eq!(
+            intervals(dumped),
+            vec![(k(1), Some(k(3))), (k(3), Some(k(5))), (k(9), None)]
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! nf_tables expressions that the `nftnl` crate lacks, built against `nftnl-sys` through nftnl's
+//! public [`Expression`] trait, so that they go into an `nftnl::Rule` like its own expressions.
+//!
+//! Each one mirrors what `nft --debug=netlink` shows nft 1.0.6 generating for the same statement
+//! (see `rulesets/*.netlink.txt`): the golden tests in `encode.rs` compare expression for
+//! expression.
+
+use std::ffi::CString;
+use std::ptr::{self, NonNull};
+
+use nftnl::expr::Expression;
+use nftnl::nftnl_sys as sys;
+use nftnl::Rule;
+
+/// `NF_NAT_RANGE_PROTO_SPECIFIED`: the redir/nat expression carries a port (range).
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
+/// Register 1 (32-bit register numbering: `NFT_REG_1`).
+const REG1: u32 = libc::NFT_REG_1 as u32;
+
+/// Allocates an expression by its kernel name; libnftnl only fails for unknown names or OOM.
+fn alloc(name: &'static std::ffi::CStr) -> NonNull<sys::nftnl_expr> {
+    // SAFETY: `name` is a valid NUL-terminated string; the returned pointer is owned by the
+    // caller (nftnl's `Rule::add_expr` hands it to the rule, which frees it).
+    let expr = unsafe { sys::nftnl_expr_alloc(name.as_ptr()) };
+    match NonNull::new(expr) {
+        Some(e) => e,
+        // Same policy as nftnl: a failed tiny allocation means the process is out of memory.
+        None => std::process::abort(),
+    }
+}
+
+/// `tproxy ip|ip6 to :PORT` in an inet table: the port is read from register 1, where an
+/// immediate expression put it in network byte order; no address register means "the address
+/// the packet came in on" (the listener binds the wildcard address).
+pub struct Tproxy {
+    /// `NFPROTO_IPV4` or `NFPROTO_IPV6`.
+    pub nfproto: u32,
+}
+
+impl Expression for Tproxy {
+    fn to_expr(&self, _rule: &Rule) -> ptr::NonNull<sys::nftnl_expr> {
+        let e = alloc(c"tproxy");
+        // SAFETY: `e` is a live tproxy expression; both attributes are u32 for this type.
+        unsafe {
+            sys::nftnl_expr_set_u32(
+                e.as_ptr(),
+                sys::NFTNL_EXPR_TPROXY_FAMILY as u16,
+                self.nfproto,
+            );
+            sys::nftnl_expr_set_u32(e.as_ptr(), sys::NFTNL_EXPR_TPROXY_REG_PORT as u16, REG1);
+        }
+        e
+    }
+}
+
+/// `redirect to :PORT`: redir with the port (network byte order) in register 1.
+pub struct Redir;
+
+impl Expression for Redir {
+    fn to_expr(&self, _rule: &Rule) -> ptr::NonNull<sys::nftnl_expr> {
+        let e = alloc(c"redir");
+        // SAFETY: `e` is a live redir expression; both attributes are u32 for this type.
+        unsafe {
+            sys::nftnl_expr_set_u32(e.as_ptr(), sys::NFTNL_EXPR_REDIR_REG_PROTO_MIN as u16, REG1);
+            sys::nftnl_expr_set_u32(
+                e.as_ptr(),
+                sys::NFTNL_EXPR_REDIR_FLAGS as u16,
+                NF_NAT_RANGE_PROTO_SPECIFIED,
+            );
+        }
+        e
+    }
+}
+
+/// `lookup reg 1 set NAME`: a named set created in the same batch, referenced by name and by
+/// the batch-local set id (nftnl's own `Lookup` needs an `nftnl::set::Set` value).
+pub struct LookupSet {
+    pub name: CString,
+    pub id: u32,
+}
+
+impl Expression for LookupSet {
+    fn to_expr(&self, _rule: &Rule) -> ptr::NonNull<sys::nftnl_expr> {
+        let e = alloc(c"lookup");
+        // SAFETY: `e` is a live lookup expression; libnftnl copies the string.
+        unsafe {
+            sys::nftnl_expr_set_u32(e.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SREG as u16, REG1);
+            sys::nftnl_expr_set_str(
+                e.as_ptr(),
+                sys::NFTNL_EXPR_LOOKUP_SET as u16,
+                self.name.as_ptr(),
+            );
+            sys::nftnl_expr_set_u32(e.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SET_ID as u16, self.id);
+        }
+        e
+    }
+}
+
+/// Where a payload load starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Base {
+    Network,
+    Transport,
+}
+
+/// `payload load LENb @ BASE header + OFFSET => reg 1`.
+pub struct Payload {
+    pub base: Base,
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl Payload {
+    /// IPv4 source (12) / destination (16) address, IPv6 source (8) / destination (24).
+    pub fn addr(v6: bool, dst: bool) -> Payload {
+        let (offset, len) = match (v6, dst) {
+            (false, false) => (12, 4),
+            (false, true) => (16, 4),
+            (true, false) => (8, 16),
+            (true, true) => (24, 16),
+        };
+        Payload {
+            base: Base::Network,
+            offset,
+            len,
+        }
+    }
+
+    /// TCP/UDP destination port.
+    pub fn dport() -> Payload {
+        Payload {
+            base: Base::Transport,
+            offset: 2,
+            len: 2,
+        }
+    }
+}
+
+impl Expression for Payload {
+    fn to_expr(&self, _rule: &Rule) -> ptr::NonNull<sys::nftnl_expr> {
+        let e = alloc(c"payload");
+        let base = match self.base {
+            Base::Network => libc::NFT_PAYLOAD_NETWORK_HEADER,
+            Base::Transport => libc::NFT_PAYLOAD_TRANSPORT_HEADER,
+        } as u32;
+        // SAFETY: `e` is a live payload expression; all four attributes are u32.
+        unsafe {
+            let p = e.as_ptr();
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_PAYLOAD_DREG as u16, REG1);
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_PAYLOAD_BASE as u16, base);
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_PAYLOAD_OFFSET as u16, self.offset);
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_PAYLOAD_LEN as u16, self.len);
+        }
+        e
+    }
+}

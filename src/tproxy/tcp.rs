@@ -1,0 +1,158 @@
+//! TCP: the accept loop and one task per accepted connection.
+//!
+//! Under TPROXY the accepted socket's local address *is* the client's original destination
+//! (`SO_ORIGINAL_DST` fails here, which is normal: no NAT happened).
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::upstream::{connect_tcp, plan_flow};
+use super::{ClientAddr, Dataplane, OrigDst, Runtime};
+use crate::metrics::{ByteLabels, Direction, ErrorKind, ErrorLabels, FlowLabels, Metrics};
+use crate::model::Proto;
+use crate::relay::{self, Counters, End};
+use crate::sys;
+
+/// Accept back-off on resource exhaustion: doubles from the first to the last value.
+const BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accept errors that mean "out of descriptors or memory": retrying at once would spin.
+fn is_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+pub(super) async fn accept_loop(dp: &Dataplane, listener: TcpListener) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        // Taking the slot before accepting leaves connections beyond the limit in the kernel's
+        // backlog instead of accepting and dropping them.
+        let permit = Arc::clone(&dp.tcp_slots)
+            .acquire_owned()
+            .await
+            .expect("the flow semaphore is never closed");
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => {
+                backoff = Duration::ZERO;
+                x
+            }
+            Err(e) => {
+                dp.metrics.accept_errors_total.inc();
+                if is_exhaustion(&e) {
+                    backoff = (backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
+                    warn!(error = %e, backoff_ms = backoff.as_millis() as u64,
+                        "accept: out of file descriptors or memory, backing off");
+                    tokio::time::sleep(backoff).await;
+                } else {
+                    debug!(error = %e, "accept failed");
+                }
+                continue;
+            }
+        };
+        let orig = match stream.local_addr() {
+            Ok(a) => OrigDst(sys::unmap(a)),
+            Err(e) => {
+                debug!(error = %e, "getsockname on an accepted connection failed");
+                continue;
+            }
+        };
+        let client = ClientAddr(sys::unmap(peer));
+        let guard = dp.flows.enter();
+        let cancelled = dp.flows.cancelled();
+        let rt = dp.current();
+        let metrics = Arc::clone(&dp.metrics);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _guard = guard;
+            tokio::select! {
+                _ = handle(rt, metrics, stream, client, orig) => {}
+                _ = cancelled => debug!(%client, orig_dst = %orig, "closed by drain deadline"),
+            }
+        });
+    }
+}
+
+/// Decrements a flow's active gauge when the flow ends, however it ends.
+struct Active(Gauge);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn handle(
+    rt: Arc<Runtime>,
+    metrics: Arc<Metrics>,
+    client: TcpStream,
+    c: ClientAddr,
+    d: OrigDst,
+) {
+    let start = Instant::now();
+    let plan = plan_flow(&rt, Proto::Tcp, c, d);
+    let labels = FlowLabels {
+        route: plan.route.clone(),
+        action: plan.action.to_string(),
+        proto: "tcp".to_string(),
+    };
+    metrics.flows_total.get_or_create(&labels).inc();
+    let active = Active(Gauge::clone(&metrics.flows_active.get_or_create(&labels)));
+    active.0.inc();
+    debug!(client = %c, orig_dst = %d, route = %plan.route, action = plan.action, "accepted");
+    let _ = sys::tcp_tuning((&client).into());
+
+    let upstream = match connect_tcp(&plan, c, rt.limits.connect_timeout).await {
+        Ok(u) => u,
+        Err(e) => {
+            let kind = ErrorKind::of(&e);
+            metrics
+                .upstream_errors_total
+                .get_or_create(&ErrorLabels {
+                    route: plan.route.clone(),
+                    kind: kind.as_str(),
+                })
+                .inc();
+            debug!(client = %c, orig_dst = %d, route = %plan.route, upstream = %plan.target,
+                %kind, error = %e, "upstream connect failed, resetting the client");
+            // SO_LINGER 0: the close below sends a RST, so the client fails at once instead of
+            // seeing an orderly close it could mistake for an answer.
+            let _ = sys::set_reset_on_close((&client).into());
+            return;
+        }
+    };
+    let _ = sys::tcp_tuning((&upstream).into());
+    debug!(client = %c, orig_dst = %d, upstream = %plan.target,
+        local = %upstream.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        mark = plan.mark, "upstream connected");
+
+    let bytes = |direction| {
+        Counter::clone(&metrics.bytes_total.get_or_create(&ByteLabels {
+            route: plan.route.clone(),
+            direction: Direction::as_str(direction),
+        }))
+    };
+    let counters = Counters {
+        client_to_upstream: bytes(Direction::ClientToUpstream),
+        upstream_to_client: bytes(Direction::UpstreamToClient),
+    };
+    let out = relay::relay(&client, &upstream, rt.limits.tcp_idle_timeout, &counters).await;
+    let duration_ms = start.elapsed().as_millis() as u64;
+    match &out.end {
+        End::Error(e) => info!(client = %c, orig_dst = %d, route = %plan.route,
+            bytes_to_upstream = out.client_to_upstream, bytes_to_client = out.upstream_to_client,
+            duration_ms, error = %e, "closed with an error"),
+        end => debug!(client = %c, orig_dst = %d, route = %plan.route,
+            bytes_to_upstream = out.client_to_upstream, bytes_to_client = out.upstream_to_client,
+            duration_ms, %end, "closed"),
+    }
+    drop(active);
+}

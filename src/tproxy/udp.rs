@@ -1,0 +1,283 @@
+//! UDP: one receive loop per listener, a table of flows keyed by (client, original destination),
+//! one task and one connected upstream socket per flow.
+//!
+//! Replies must reach the client *from the original destination* (DNS clients check the reply's
+//! source). They are sent from a transparent socket bound to that address, shared by all flows
+//! to the same destination: the table holds it weakly, so it closes when its last flow ends.
+//!
+//! Bounds: `limits.max_udp_flows` (the oldest flow is evicted to make room), `limits.udp_queue`
+//! datagrams queued per flow (beyond that they are dropped and counted), `limits.udp_idle_timeout`
+//! per flow. Datagrams up to 64 KiB are delivered whole; a truncated one is dropped.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::upstream::{plan_flow, reply_socket, udp_upstream, FlowPlan};
+use super::{ClientAddr, Dataplane, FlowGuard, OrigDst};
+use crate::metrics::{
+    ByteLabels, Direction, ErrorKind, ErrorLabels, FlowLabels, Metrics, ReasonLabels,
+};
+use crate::model::Proto;
+use crate::sys;
+
+/// How often the receive loop forgets finished flows and unused reply sockets.
+const PRUNE_EVERY: Duration = Duration::from_secs(5);
+
+thread_local! {
+    /// One 64 KiB reply buffer per worker thread: flows read a reply and send it on without
+    /// awaiting in between, so a per-flow buffer is not needed.
+    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; sys::MAX_DATAGRAM]);
+}
+
+type Key = (ClientAddr, OrigDst);
+
+struct Entry {
+    tx: mpsc::Sender<Vec<u8>>,
+    last: Instant,
+}
+
+fn drop_count(m: &Metrics, reason: &'static str) {
+    m.udp_dropped_total
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
+}
+
+pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
+    let m = &dp.metrics;
+    let mut buf = vec![0u8; sys::MAX_DATAGRAM];
+    let mut flows: HashMap<Key, Entry> = HashMap::new();
+    let mut replies: HashMap<OrigDst, Weak<UdpSocket>> = HashMap::new();
+    let mut pruned = Instant::now();
+    loop {
+        let r = sock
+            .async_io(Interest::READABLE, || {
+                sys::recv_with_orig_dst(sock.as_fd(), &mut buf)
+            })
+            .await;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                // ICMP errors queued on the listener, or fd/memory pressure: never spin.
+                debug!(error = %e, "udp receive failed");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+        };
+        if pruned.elapsed() > PRUNE_EVERY {
+            flows.retain(|_, e| !e.tx.is_closed());
+            replies.retain(|_, w| w.strong_count() > 0);
+            pruned = Instant::now();
+        }
+        if r.truncated {
+            drop_count(m, "truncated");
+            continue;
+        }
+        let Some(orig) = r.orig_dst else {
+            drop_count(m, "no_orig_dst");
+            continue;
+        };
+        let key = (ClientAddr(r.src), OrigDst(orig));
+        let mut data = buf[..r.len].to_vec();
+        if let Some(e) = flows.get_mut(&key) {
+            match e.tx.try_send(data) {
+                Ok(()) => {
+                    e.last = Instant::now();
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    drop_count(m, "queue_full");
+                    continue;
+                }
+                // The flow ended (idle or evicted): start a new one with this datagram.
+                Err(mpsc::error::TrySendError::Closed(d)) => {
+                    flows.remove(&key);
+                    data = d;
+                }
+            }
+        }
+        let rt = dp.current();
+        if flows.len() >= rt.limits.max_udp_flows {
+            flows.retain(|_, e| !e.tx.is_closed());
+            if flows.len() >= rt.limits.max_udp_flows {
+                let oldest = flows.iter().min_by_key(|(_, e)| e.last).map(|(k, _)| *k);
+                if let Some(k) = oldest {
+                    // Dropping the sender ends that flow's task.
+                    flows.remove(&k);
+                    m.udp_evictions_total.inc();
+                }
+            }
+        }
+        let plan = plan_flow(&rt, Proto::Udp, key.0, key.1);
+        let reply = match replies.get(&key.1).and_then(Weak::upgrade) {
+            Some(s) => s,
+            None => match reply_socket(key.1, rt.kernel.own_mark.0) {
+                Ok(s) => {
+                    let s = Arc::new(s);
+                    replies.insert(key.1, Arc::downgrade(&s));
+                    s
+                }
+                Err(e) => {
+                    warn!(orig_dst = %key.1, error = %e,
+                        "cannot bind a transparent reply socket to the original destination");
+                    drop_count(m, "reply_socket");
+                    continue;
+                }
+            },
+        };
+        let up = match udp_upstream(plan.target, plan.mark) {
+            Ok(u) => u,
+            Err(e) => {
+                let kind = ErrorKind::of(&e);
+                m.upstream_errors_total
+                    .get_or_create(&ErrorLabels {
+                        route: plan.route.clone(),
+                        kind: kind.as_str(),
+                    })
+                    .inc();
+                debug!(client = %key.0, orig_dst = %key.1, upstream = %plan.target, error = %e,
+                    "udp upstream socket failed");
+                drop_count(m, "upstream");
+                continue;
+            }
+        };
+        let (tx, rx) = mpsc::channel(rt.limits.udp_queue);
+        tx.try_send(data).expect("a new queue has room");
+        flows.insert(
+            key,
+            Entry {
+                tx,
+                last: Instant::now(),
+            },
+        );
+        let f = Flow {
+            client: key.0,
+            orig: key.1,
+            plan,
+            up,
+            reply,
+            idle: rt.limits.udp_idle_timeout,
+            metrics: Arc::clone(&dp.metrics),
+            _guard: dp.flows.enter(),
+        };
+        let cancelled = dp.flows.cancelled();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = f.run(rx) => {}
+                _ = cancelled => {}
+            }
+        });
+    }
+}
+
+struct Flow {
+    client: ClientAddr,
+    orig: OrigDst,
+    plan: FlowPlan,
+    up: UdpSocket,
+    reply: Arc<UdpSocket>,
+    idle: Duration,
+    metrics: Arc<Metrics>,
+    _guard: FlowGuard,
+}
+
+impl Flow {
+    async fn run(self, mut rx: mpsc::Receiver<Vec<u8>>) {
+        let start = Instant::now();
+        let m = &self.metrics;
+        let labels = FlowLabels {
+            route: self.plan.route.clone(),
+            action: self.plan.action.to_string(),
+            proto: "udp".to_string(),
+        };
+        m.flows_total.get_or_create(&labels).inc();
+        let active = Gauge::clone(&m.flows_active.get_or_create(&labels));
+        active.inc();
+        let bytes = |direction| {
+            Counter::clone(&m.bytes_total.get_or_create(&ByteLabels {
+                route: self.plan.route.clone(),
+                direction: Direction::as_str(direction),
+            }))
+        };
+        let (c2u, u2c) = (
+            bytes(Direction::ClientToUpstream),
+            bytes(Direction::UpstreamToClient),
+        );
+        debug!(client = %self.client, orig_dst = %self.orig, route = %self.plan.route,
+            action = self.plan.action, upstream = %self.plan.target, "udp flow started");
+        let (mut sent, mut received) = (0u64, 0u64);
+        let idle = tokio::time::sleep(self.idle);
+        tokio::pin!(idle);
+        let end = loop {
+            tokio::select! {
+                d = rx.recv() => {
+                    let Some(d) = d else { break "evicted" };
+                    match self.up.send(&d).await {
+                        Ok(n) => {
+                            sent += n as u64;
+                            c2u.inc_by(n as u64);
+                        }
+                        Err(e) => debug!(client = %self.client, error = %e, "udp send upstream failed"),
+                    }
+                }
+                r = self.up.readable() => {
+                    if let Err(e) = r {
+                        debug!(error = %e, "udp upstream socket failed");
+                        break "error";
+                    }
+                    match self.forward_reply() {
+                        Ok(Some(n)) => {
+                            received += n as u64;
+                            u2c.inc_by(n as u64);
+                        }
+                        Ok(None) => continue,
+                        Err(e) => {
+                            // An ICMP error (port unreachable) on the connected socket.
+                            debug!(client = %self.client, orig_dst = %self.orig, error = %e,
+                                "udp upstream error");
+                            continue;
+                        }
+                    }
+                }
+                _ = &mut idle => break "idle",
+            }
+            idle.as_mut().reset(tokio::time::Instant::now() + self.idle);
+        };
+        active.dec();
+        debug!(client = %self.client, orig_dst = %self.orig, route = %self.plan.route,
+            bytes_to_upstream = sent, bytes_to_client = received,
+            duration_ms = start.elapsed().as_millis() as u64, end, "udp flow closed");
+    }
+
+    /// Reads one reply (if any is ready) and sends it to the client from the original
+    /// destination. `Ok(None)`: nothing was ready after all. A reply that cannot be sent at
+    /// once is dropped and counted (UDP is lossy; blocking here would stall the flow).
+    fn forward_reply(&self) -> std::io::Result<Option<usize>> {
+        REPLY_BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            let n = match self.up.try_recv(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            match self.reply.try_send_to(&buf[..n], self.client.0) {
+                Ok(_) => Ok(Some(n)),
+                Err(e) => {
+                    debug!(client = %self.client, orig_dst = %self.orig, error = %e,
+                        "udp reply to client dropped");
+                    drop_count(&self.metrics, "send");
+                    Ok(Some(0))
+                }
+            }
+        })
+    }
+}
