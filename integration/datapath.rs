@@ -121,6 +121,12 @@ struct Etp {
     log: PathBuf,
 }
 
+impl Drop for Etp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
 /// Starts etp's data path in `router` with config `cfg` and installs the kernel state it
 /// needs. THE one place that knows how etp is started: switch to `etp run -c CFG` once the
 /// daemon exists (it binds the listeners, applies the ruleset and routing itself).
@@ -200,7 +206,6 @@ fn stop_etp(mut etp: Etp) -> String {
         .proc
         .wait_timeout(Duration::from_secs(10))
         .expect("etp exits within 10 s of SIGTERM");
-    let _ = std::fs::remove_file(&etp.log);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -703,5 +708,42 @@ fn listener_errors_name_the_cause() {
     assert!(
         err.contains("binding the tcp listener to 0.0.0.0:15001"),
         "{err}"
+    );
+}
+
+#[test]
+fn drain_deadline_closes_open_flows() {
+    require_root!();
+    let t = topo();
+    let etp = start_etp(&t.router, &cfg(false));
+    // A flow that stays open: the banner arrives, then the client just waits.
+    let mut held = t
+        .client
+        .spawn("socat", &["-u", "TCP:10.96.0.20:7002", "STDOUT"]);
+    wait_listening(&t.server, "-Htn", "sport = :7002", 1);
+    // The runner drains for 1 s on SIGTERM, then closes what is left.
+    let m = stop_etp(etp);
+    let out = held
+        .wait_timeout(Duration::from_secs(10))
+        .expect("the client sees its connection closed by the drain");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("banner from 10.96.0.20:7002"),
+        "{out:?}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etp_flows_total{route="direct",action="direct",proto="tcp"}"#
+        ),
+        1,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etp_flows_active{route="direct",action="direct",proto="tcp"}"#
+        ),
+        0,
+        "{m}"
     );
 }

@@ -237,11 +237,11 @@ fn replace_is_atomic_under_traffic() {
     });
     let applies = in_netns(&ns, || {
         let mut nft = Nft::open().unwrap();
-        for i in 1..=50 {
+        for i in 1..=100 {
             nft.apply(&marking_table(i), None)
                 .expect("re-apply under traffic");
         }
-        50
+        100
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = sender.join().unwrap();

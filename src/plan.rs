@@ -19,8 +19,10 @@ pub const CHAIN_OUTPUT: &str = "output";
 pub const CHAIN_HANDOFF: &str = "handoff";
 /// NF_IP_PRI_MANGLE: before conntrack's NAT and before routing decisions are final.
 pub const PRIO_MANGLE: i32 = -150;
-/// NF_IP_PRI_NAT_DST: where proxy-init's nat OUTPUT rules also sit.
-pub const PRIO_NAT_DST: i32 = -100;
+/// Just before NF_IP_PRI_NAT_DST (-100), where kube-proxy's nat OUTPUT DNAT sits: only a
+/// connection's first NAT binding counts, so the hand-off redirect must run before a ClusterIP
+/// is translated to an endpoint, or the connection would skip Linkerd.
+pub const PRIO_HANDOFF: i32 = -110;
 
 /// Plans the kernel state for `cfg`.
 pub fn plan(cfg: &Config) -> Desired {
@@ -129,7 +131,7 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
         name: CHAIN_HANDOFF.to_string(),
         kind: ChainType::Nat,
         hook: Hook::Output,
-        priority: PRIO_NAT_DST,
+        priority: PRIO_HANDOFF,
         rules: vec![Rule {
             matches: vec![
                 Match::Mark {

@@ -144,7 +144,7 @@ fn handoff_redirects_to_the_configured_outbound_port() {
         .find(|c| c.name == CHAIN_HANDOFF)
         .unwrap();
     assert_eq!(h.kind, ChainType::Nat);
-    assert_eq!(h.priority, PRIO_NAT_DST);
+    assert_eq!(h.priority, PRIO_HANDOFF);
     assert_eq!(
         h.rules[0].to_string(),
         "meta mark & 0x00003000 == 0x00003000 meta l4proto tcp counter redirect to :4999 \

@@ -57,6 +57,12 @@ pub struct Nft {
     buf: Vec<u8>,
 }
 
+// SAFETY: `mnl::Socket` is a heap struct holding a file descriptor and its bound address; it has
+// no thread affinity (the network namespace is fixed when the socket is created), and `Nft`
+// owns it exclusively, so moving an `Nft` to another thread (e.g. tokio's spawn_blocking) is
+// sound. `Nft` stays !Sync: all methods take `&mut self`.
+unsafe impl Send for Nft {}
+
 /// How a sent batch ended.
 enum Outcome {
     Committed,
@@ -544,4 +550,13 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nft_can_move_to_a_blocking_thread() {
+        fn send<T: Send>() {}
+        send::<super::Nft>();
+    }
 }

@@ -107,7 +107,7 @@ async fn handle(
     metrics.flows_total.get_or_create(&labels).inc();
     let active = Active(Gauge::clone(&metrics.flows_active.get_or_create(&labels)));
     active.0.inc();
-    debug!(client = %c, orig_dst = %d, route = %plan.route, action = plan.action, "accepted");
+    debug!(client = %c, orig_dst = %d, route = %plan.route, action = %plan.action, "accepted");
     let _ = sys::tcp_tuning((&client).into());
 
     let upstream = match connect_tcp(&plan, c, rt.limits.connect_timeout).await {
@@ -132,7 +132,7 @@ async fn handle(
     let _ = sys::tcp_tuning((&upstream).into());
     debug!(client = %c, orig_dst = %d, upstream = %plan.target,
         local = %upstream.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        mark = plan.mark, "upstream connected");
+        mark = %format_args!("{:#x}", plan.mark), "upstream connected");
 
     let bytes = |direction| {
         Counter::clone(&metrics.bytes_total.get_or_create(&ByteLabels {

@@ -213,7 +213,7 @@ impl Flow {
             bytes(Direction::UpstreamToClient),
         );
         debug!(client = %self.client, orig_dst = %self.orig, route = %self.plan.route,
-            action = self.plan.action, upstream = %self.plan.target, "udp flow started");
+            action = %self.plan.action, upstream = %self.plan.target, "udp flow started");
         let (mut sent, mut received) = (0u64, 0u64);
         let idle = tokio::time::sleep(self.idle);
         tokio::pin!(idle);
