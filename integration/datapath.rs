@@ -1,279 +1,18 @@
 //! The data path on a real kernel: client ns -- router ns (etp, Linkerd stand-in) -- server ns,
-//! IPv4 and IPv6 on every link.
-//!
-//! Addresses: client 10.10.1.2 / fd10:1::2, router 10.10.1.1 fd10:1::1 | 10.10.2.1 fd10:2::1,
-//! server 10.10.2.2 / fd10:2::2 plus "service" addresses on its lo (10.96.0.10, .20, .21, .22
-//! and fd00:10:96::a, ::14, ::15), routed via the router. 10.96.0.30 / fd00:10:96::1e exist
-//! nowhere: only etp's `forward` routes make them answer.
-//!
-//! Servers in the server ns: `etp-testkit serve` (echo 7001, banner 7002, hash 7003, source
-//! 7004, HTTP 8080; UDP echo 7001) and dnsmasq (port 53, `etp.test` -> 10.1.2.3).
-//! Every client call has a timeout; no assertion depends on timing.
+//! IPv4 and IPv6 on every link. The topology, servers and etp start-up live in
+//! `common::topo`; etp runs as the real daemon (`etp run -c CFG`) and the tests read its
+//! counters from the admin endpoint. Every client call has a timeout; no assertion depends on
+//! timing.
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{link, wait_for, Netns, Proc, TempFile};
-
-fn example(name: &str) -> String {
-    let bin = common::etp_bin();
-    let dir = bin.parent().expect("target dir");
-    dir.join("examples").join(name).display().to_string()
-}
-
-/// The three namespaces with addresses, routes and servers running.
-struct Topo {
-    client: Netns,
-    router: Netns,
-    server: Netns,
-    _servers: Vec<Proc>,
-}
-
-const SERVICE_ADDRS: [&str; 7] = [
-    "10.96.0.10/32",
-    "10.96.0.20/32",
-    "10.96.0.21/32",
-    "10.96.0.22/32",
-    "fd00:10:96::a/128",
-    "fd00:10:96::14/128",
-    "fd00:10:96::15/128",
-];
-
-fn topo() -> Topo {
-    let client = Netns::new("cli");
-    let router = Netns::new("rtr");
-    let server = Netns::new("srv");
-    link(
-        &client,
-        "eth0",
-        &["10.10.1.2/24", "fd10:1::2/64"],
-        &router,
-        "c0",
-        &["10.10.1.1/24", "fd10:1::1/64"],
-    );
-    link(
-        &router,
-        "s0",
-        &["10.10.2.1/24", "fd10:2::1/64"],
-        &server,
-        "eth0",
-        &["10.10.2.2/24", "fd10:2::2/64"],
-    );
-    router.forwarding();
-    client.ip(&["route", "add", "default", "via", "10.10.1.1"]);
-    client.ip(&["-6", "route", "add", "default", "via", "fd10:1::1"]);
-    server.ip(&["route", "add", "default", "via", "10.10.2.1"]);
-    server.ip(&["-6", "route", "add", "default", "via", "fd10:2::1"]);
-    for a in SERVICE_ADDRS {
-        server.ip(&["addr", "add", a, "dev", "lo"]);
-    }
-    router.ip(&["route", "add", "10.96.0.0/12", "via", "10.10.2.2"]);
-    router.ip(&["-6", "route", "add", "fd00:10:96::/112", "via", "fd10:2::2"]);
-    let mut ips = vec!["10.10.2.2", "fd10:2::2"];
-    ips.extend(SERVICE_ADDRS.iter().map(|a| a.split('/').next().unwrap()));
-    let mut args = vec!["serve"];
-    args.extend(ips.iter().copied());
-    let testkit = server.spawn(&example("etp-testkit"), &args);
-    let dns = server.spawn(
-        "dnsmasq",
-        &[
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--pid-file",
-            "--user=root",
-            "--bind-interfaces",
-            "--address=/etp.test/10.1.2.3",
-            "--listen-address=10.10.2.2,fd10:2::2,10.96.0.10,fd00:10:96::a",
-        ],
-    );
-    wait_listening(&server, "-Hltn", "sport = :8080", 9);
-    wait_listening(&server, "-Hlun", "sport = :53", 4);
-    Topo {
-        client,
-        router,
-        server,
-        _servers: vec![testkit, dns],
-    }
-}
-
-/// Waits until `ss FLAGS FILTER` in `ns` lists at least `n` sockets.
-fn wait_listening(ns: &Netns, flags: &str, filter: &str, n: usize) {
-    let ok = wait_for(Duration::from_secs(10), || {
-        let out = ns.try_exec("ss", &[flags, filter]);
-        (String::from_utf8_lossy(&out.stdout).lines().count() >= n).then_some(())
-    });
-    assert!(
-        ok.is_some(),
-        "{filter} not listening ({n} sockets) in {}",
-        ns.name
-    );
-}
-
-/// etp running in the router namespace.
-struct Etp {
-    proc: Proc,
-    _cfg: TempFile,
-    log: PathBuf,
-}
-
-impl Drop for Etp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-/// Starts etp's data path in `router` with config `cfg` and installs the kernel state it
-/// needs. THE one place that knows how etp is started: switch to `etp run -c CFG` once the
-/// daemon exists (it binds the listeners, applies the ruleset and routing itself).
-fn start_etp(router: &Netns, cfg: &str) -> Etp {
-    let cfg = TempFile::new("etp.toml", cfg);
-    let ruleset = common::run(Command::new(common::etp_bin()).args(["render", "-c", cfg.as_str()]));
-    let mut nft = router
-        .cmd("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("spawn nft");
-    use std::io::Write;
-    nft.stdin
-        .take()
-        .unwrap()
-        .write_all(&ruleset.stdout)
-        .unwrap();
-    assert!(
-        nft.wait().unwrap().success(),
-        "nft -f rejected the rendered ruleset"
-    );
-    for fam in ["-4", "-6"] {
-        router.ip(&[
-            fam,
-            "rule",
-            "add",
-            "fwmark",
-            "0x1000/0x3000",
-            "lookup",
-            "15001",
-        ]);
-    }
-    router.ip(&[
-        "-4",
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "15001",
-    ]);
-    router.ip(&[
-        "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "15001",
-    ]);
-    let log = cfg.path.with_extension("log");
-    let line = format!(
-        "exec {} {} 2>>{}",
-        example("dataplane-runner"),
-        cfg.as_str(),
-        log.display()
-    );
-    let child = router
-        .cmd("sh")
-        .args(["-c", &line])
-        .env("RUST_LOG", "etp=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn dataplane-runner");
-    let etp = Etp {
-        proc: Proc { child: Some(child) },
-        _cfg: cfg,
-        log,
-    };
-    wait_listening(router, "-Hltun", "sport = :15001", 4);
-    etp
-}
-
-/// Stops etp (SIGTERM) and returns its metrics (text format).
-fn stop_etp(mut etp: Etp) -> String {
-    etp.proc.signal("TERM");
-    let out = etp
-        .proc
-        .wait_timeout(Duration::from_secs(10))
-        .expect("etp exits within 10 s of SIGTERM");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The value of the sample `name{labels}` (0 when absent).
-fn metric(text: &str, sample: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(sample)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
-/// The sum of every sample whose line starts with `prefix`.
-fn sum(text: &str, prefix: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
-/// The Linkerd stand-in in `router`, as uid 2102; its per-connection lines go to `log`.
-fn start_standin(router: &Netns, log: &TempFile) -> Proc {
-    // Writable by uid 2102; the stand-in appends and never creates it.
-    common::run(Command::new("chmod").args(["666", log.as_str()]));
-    let p = router.spawn(
-        "setpriv",
-        &[
-            "--reuid=2102",
-            "--regid=2102",
-            "--clear-groups",
-            &example("linkerd-standin"),
-            "--log",
-            log.as_str(),
-        ],
-    );
-    wait_listening(router, "-Hltn", "sport = :4140", 2);
-    p
-}
-
-/// Runs `etp-testkit ARGS` in `ns`.
-fn kit(ns: &Netns, args: &[&str]) -> Output {
-    ns.cmd(&example("etp-testkit"))
-        .args(args)
-        .output()
-        .expect("spawn etp-testkit")
-}
-
-/// Runs `etp-testkit ARGS` in `ns`, asserts success, returns stdout.
-fn kit_ok(ns: &Netns, args: &[&str]) -> String {
-    let out = kit(ns, args);
-    assert!(
-        out.status.success(),
-        "etp-testkit {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn curl(ns: &Netns, url: &str) -> String {
-    ns.exec("curl", &["-sS", "-g", "--max-time", "10", url])
-        .trim()
-        .to_string()
-}
+use common::topo::{
+    curl, dig, kit, kit_ok, metric, standin_lines, start_etp, start_standin, stop_etp, sum, topo,
+    wait_listening,
+};
+use common::{Netns, TempFile};
 
 const CFG: &str = r#"
 [listener]
@@ -351,14 +90,6 @@ action = "direct"
 
 fn cfg(local: bool) -> String {
     CFG.replace("LOCAL", if local { "true" } else { "false" })
-}
-
-fn standin_lines(log: &TempFile) -> Vec<String> {
-    std::fs::read_to_string(&log.path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]
@@ -566,23 +297,6 @@ fn a_thousand_concurrent_connections_complete() {
     assert_eq!(metric(&m, "etp_accept_errors_total"), 0);
 }
 
-/// `dig +short` against `server` (through etp); dig itself rejects replies from another source.
-fn dig(ns: &Netns, server: &str) -> String {
-    ns.exec(
-        "dig",
-        &[
-            "+short",
-            "+time=3",
-            "+tries=1",
-            &format!("@{server}"),
-            "etp.test",
-            "A",
-        ],
-    )
-    .trim()
-    .to_string()
-}
-
 #[test]
 fn udp_direct_and_forward_dns_and_big_datagrams() {
     require_root!();
@@ -689,7 +403,9 @@ fn listener_errors_name_the_cause() {
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
-            &example("dataplane-runner"),
+            common::etp_bin().to_str().unwrap(),
+            "run",
+            "-c",
             cfg.as_str(),
         ],
     );
@@ -702,7 +418,10 @@ fn listener_errors_name_the_cause() {
     // Port taken.
     let _holder = ns.spawn("socat", &["TCP-LISTEN:15001,bind=0.0.0.0,reuseaddr", "-"]);
     wait_listening(&ns, "-Hltn", "sport = :15001", 1);
-    let out = ns.try_exec(&example("dataplane-runner"), &[cfg.as_str()]);
+    let out = ns.try_exec(
+        common::etp_bin().to_str().unwrap(),
+        &["run", "-c", cfg.as_str()],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
@@ -715,14 +434,23 @@ fn listener_errors_name_the_cause() {
 fn drain_deadline_closes_open_flows() {
     require_root!();
     let t = topo();
-    let etp = start_etp(&t.router, &cfg(false));
+    // drain_seconds = 1 (the default in `common::topo::Opts`).
+    let mut etp = start_etp(&t.router, &cfg(false));
     // A flow that stays open: the banner arrives, then the client just waits.
     let mut held = t
         .client
         .spawn("socat", &["-u", "TCP:10.96.0.20:7002", "STDOUT"]);
     wait_listening(&t.server, "-Htn", "sport = :7002", 1);
-    // The runner drains for 1 s on SIGTERM, then closes what is left.
-    let m = stop_etp(etp);
+    let m = etp.metrics();
+    let flows = |m: &str, what: &str| {
+        metric(
+            m,
+            &format!(r#"etp_flows_{what}{{route="direct",action="direct",proto="tcp"}}"#),
+        )
+    };
+    assert_eq!((flows(&m, "total"), flows(&m, "active")), (1, 1), "{m}");
+    let (status, _) = etp.terminate();
+    assert!(status.success(), "{status}: {}", etp.log_text());
     let out = held
         .wait_timeout(Duration::from_secs(10))
         .expect("the client sees its connection closed by the drain");
@@ -730,20 +458,9 @@ fn drain_deadline_closes_open_flows() {
         String::from_utf8_lossy(&out.stdout).starts_with("banner from 10.96.0.20:7002"),
         "{out:?}"
     );
-    assert_eq!(
-        metric(
-            &m,
-            r#"etp_flows_total{route="direct",action="direct",proto="tcp"}"#
-        ),
-        1,
-        "{m}"
-    );
-    assert_eq!(
-        metric(
-            &m,
-            r#"etp_flows_active{route="direct",action="direct",proto="tcp"}"#
-        ),
-        0,
-        "{m}"
+    let log = etp.log_text();
+    assert!(
+        log.contains("drain deadline reached: closing remaining flows flows=1"),
+        "{log}"
     );
 }

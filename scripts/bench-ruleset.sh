@@ -31,8 +31,8 @@ action = "linkerd"
 PY
 }
 
-fresh() { ip netns del "$NS" 2>/dev/null || true; ip netns add "$NS"; }
-ms() { python3 -c 'import sys,time; print(int(time.time()*1000))'; }
+fresh() { ip netns del "$NS" 2>/dev/null || true; ip netns add "$NS"; ip -n "$NS" link set lo up; }
+ms() { echo $(( $(date +%s%N) / 1000000 )); }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 out="| CIDRs | etp apply (ms) | nft -f render (ms) | etp / nft | etp audit (ms) | etp peak RSS apply (MiB) | batch bytes |\n|---:|---:|---:|---:|---:|---:|---:|\n"

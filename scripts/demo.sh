@@ -26,53 +26,53 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
-in() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "topology: $C (10.10.1.2) -- $N (etp) -- $S (services 10.96.0.1, 10.96.0.10, fd00:10:96::1, ::a)"
-for ns in "$C" "$N" "$S"; do ip netns add "$ns"; in "$ns" ip link set lo up; done
+for ns in "$C" "$N" "$S"; do ip netns add "$ns"; nsx "$ns" ip link set lo up; done
 ip -n "$C" link add eth0 type veth peer name c0 netns "$N"
 ip -n "$N" link add s0 type veth peer name eth0 netns "$S"
-in "$C" ip addr add 10.10.1.2/24 dev eth0; in "$C" ip addr add fd10:1::2/64 dev eth0 nodad
-in "$N" ip addr add 10.10.1.1/24 dev c0;   in "$N" ip addr add fd10:1::1/64 dev c0 nodad
-in "$N" ip addr add 10.10.2.1/24 dev s0;   in "$N" ip addr add fd10:2::1/64 dev s0 nodad
-in "$S" ip addr add 10.10.2.2/24 dev eth0; in "$S" ip addr add fd10:2::2/64 dev eth0 nodad
-for a in 10.96.0.1/32 10.96.0.10/32; do in "$S" ip addr add "$a" dev lo; done
-for a in fd00:10:96::1/128 fd00:10:96::a/128; do in "$S" ip addr add "$a" dev lo; done
-for pair in "$C eth0" "$N c0" "$N s0" "$S eth0"; do set -- $pair; in "$1" ip link set "$2" up; done
-in "$C" ip route add default via 10.10.1.1; in "$C" ip -6 route add default via fd10:1::1
-in "$S" ip route add default via 10.10.2.1; in "$S" ip -6 route add default via fd10:2::1
-in "$N" ip route add 10.96.0.0/12 via 10.10.2.2; in "$N" ip -6 route add fd00:10:96::/112 via fd10:2::2
-in "$N" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
+nsx "$C" ip addr add 10.10.1.2/24 dev eth0; nsx "$C" ip addr add fd10:1::2/64 dev eth0 nodad
+nsx "$N" ip addr add 10.10.1.1/24 dev c0;   nsx "$N" ip addr add fd10:1::1/64 dev c0 nodad
+nsx "$N" ip addr add 10.10.2.1/24 dev s0;   nsx "$N" ip addr add fd10:2::1/64 dev s0 nodad
+nsx "$S" ip addr add 10.10.2.2/24 dev eth0; nsx "$S" ip addr add fd10:2::2/64 dev eth0 nodad
+for a in 10.96.0.1/32 10.96.0.10/32; do nsx "$S" ip addr add "$a" dev lo; done
+for a in fd00:10:96::1/128 fd00:10:96::a/128; do nsx "$S" ip addr add "$a" dev lo; done
+for pair in "$C eth0" "$N c0" "$N s0" "$S eth0"; do set -- $pair; nsx "$1" ip link set "$2" up; done
+nsx "$C" ip route add default via 10.10.1.1; nsx "$C" ip -6 route add default via fd10:1::1
+nsx "$S" ip route add default via 10.10.2.1; nsx "$S" ip -6 route add default via fd10:2::1
+nsx "$N" ip route add 10.96.0.0/12 via 10.10.2.2; nsx "$N" ip -6 route add fd00:10:96::/112 via fd10:2::2
+nsx "$N" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
 
 step "servers in $S: HTTP on :80 (python3 http.server), DNS on :53 (dnsmasq)"
 echo "hello from the frontend service" > "$WORK/index.html"
-(cd "$WORK" && in "$S" python3 -m http.server --bind :: 80 >"$WORK/http.log" 2>&1 &)
-in "$S" dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces --listen-address=10.96.0.10 \
+(cd "$WORK" && nsx "$S" python3 -m http.server --bind :: 80 >"$WORK/http.log" 2>&1 &)
+nsx "$S" dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces --listen-address=10.96.0.10 \
   --listen-address=fd00:10:96::a --address=/frontend.demo/10.96.0.1 --log-queries \
   --pid-file="$WORK/dnsmasq.pid" >"$WORK/dns.log" 2>&1 &
 
 step "node $N: the Linkerd stand-in on 127.0.0.1:4140 and [::1]:4140 (uid 2102, reads SO_ORIGINAL_DST)"
-in "$N" setpriv --reuid=2102 --regid=2102 --clear-groups "$STANDIN" >"$WORK/standin.log" 2>&1 &
+nsx "$N" setpriv --reuid=2102 --regid=2102 --clear-groups "$STANDIN" >"$WORK/standin.log" 2>&1 &
 
 step "node $N: etp run (embedded default config) -port=15001 --logtostderr -v=2"
-in "$N" env ETP_DEMO=1 "$ETP" -port=15001 --logtostderr -v=2 >"$WORK/etp.log" 2>&1 &
+nsx "$N" env ETP_DEMO=1 "$ETP" -port=15001 --logtostderr -v=2 >"$WORK/etp.log" 2>&1 &
 for _ in $(seq 1 100); do
   grep -q "etp started" "$WORK/etp.log" 2>/dev/null && break
   sleep 0.1
 done
 grep -q "etp started" "$WORK/etp.log" || { cat "$WORK/etp.log"; echo "demo: etp did not start"; exit 1; }
-for _ in $(seq 1 50); do in "$S" sh -c 'exec 3<>/dev/tcp/10.96.0.1/80' 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 1 50); do nsx "$S" curl -s -o /dev/null --max-time 1 http://10.96.0.1/ && break; sleep 0.1; done
 
 step "traffic from $C"
 echo "\$ curl http://10.96.0.1/            (TCP, IPv4, route 'services' -> linkerd)"
-in "$C" curl -sS --max-time 5 http://10.96.0.1/
+nsx "$C" curl -sS --max-time 5 http://10.96.0.1/
 echo "\$ curl 'http://[fd00:10:96::1]/'   (TCP, IPv6)"
-in "$C" curl -sS --max-time 5 'http://[fd00:10:96::1]/'
+nsx "$C" curl -sS --max-time 5 'http://[fd00:10:96::1]/'
 echo "\$ dig @10.96.0.10 frontend.demo     (UDP, route 'dns' -> direct)"
-in "$C" dig +short +time=2 +tries=2 @10.96.0.10 frontend.demo A
+nsx "$C" dig +short +time=2 +tries=2 @10.96.0.10 frontend.demo A
 echo "\$ dig @fd00:10:96::a frontend.demo  (UDP, IPv6)"
-in "$C" dig +short +time=2 +tries=2 @fd00:10:96::a frontend.demo A
+nsx "$C" dig +short +time=2 +tries=2 @fd00:10:96::a frontend.demo A
 sleep 0.3
 
 step "what the Linkerd stand-in saw (SO_ORIGINAL_DST of each hand-off)"
@@ -81,21 +81,21 @@ cat "$WORK/standin.log"
 step "etp's log"
 cat "$WORK/etp.log"
 
-step "etp status"
-in "$N" "$ETP" status || true
+step "etp status (from the admin endpoint; /metrics has the same counters in Prometheus format)"
+nsx "$N" "$ETP" status || true
 
 step "nft list ruleset (in $N)"
-in "$N" nft list ruleset
+nsx "$N" nft list ruleset
 
 step "ip rule / ip route show table 15001 (in $N)"
-in "$N" ip rule; in "$N" ip route show table 15001; in "$N" ip -6 route show table 15001
+nsx "$N" ip rule; nsx "$N" ip route show table 15001; nsx "$N" ip -6 route show table 15001
 
 step "etp audit"
-in "$N" "$ETP" audit
+nsx "$N" "$ETP" audit
 
 step "stopping etp (SIGTERM): the table, rules and routes go away"
-pid=$(in "$N" cat /run/etp/etp.pid 2>/dev/null || true)
+pid=$(nsx "$N" cat /run/etp/etp.pid 2>/dev/null || true)
 [ -n "$pid" ] && kill -TERM "$pid"
 for _ in $(seq 1 100); do grep -q "etp stopped" "$WORK/etp.log" && break; sleep 0.1; done
-in "$N" nft list ruleset | grep -c . | xargs echo "ruleset lines left:"
+nsx "$N" nft list ruleset | grep -c . | xargs echo "ruleset lines left:"
 echo "demo done; tearing down"

@@ -128,11 +128,20 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
             }
         }
         "/status" => {
-            let body = state
+            let mut body = state
                 .status
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
+            // Counters are read live, not from the daemon's last status snapshot.
+            body.push_str("counters:\n");
+            for line in state.metrics.encode().lines() {
+                if line.starts_with("etp_") && !line.starts_with("etp_build_info") {
+                    body.push_str("  ");
+                    body.push_str(line);
+                    body.push('\n');
+                }
+            }
             respond(&mut stream, 200, "text/plain", &body).await
         }
         _ => {

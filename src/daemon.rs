@@ -132,9 +132,24 @@ struct Daemon {
     started: SystemTime,
 }
 
+/// Ignores SIGHUP until [`run`] installs its handler. Call it first thing in `main`, before
+/// parsing arguments: SIGHUP's default action is to terminate, and a `systemctl reload` or
+/// `etp reload` racing with start-up would otherwise kill etp before it has a handler (this
+/// was measured: a SIGHUP right after exec killed `etp` 20 times out of 20). Dropping these
+/// early hang-ups loses nothing: the config is read after this point.
+pub fn ignore_early_hangups() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_IGN installs no handler code, so there is no async-signal-safety concern;
+    // tokio's handler, installed later by `Signals::install`, replaces this disposition.
+    if let Err(e) = unsafe { signal(Signal::SIGHUP, SigHandler::SigIgn) } {
+        warn!(error = %e, "ignoring SIGHUP during start-up failed");
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT, then drains and cleans up.
 pub async fn run(source: Source) -> Result<(), DaemonError> {
     let mut signals = Signals::install()?;
+    raise_nofile_limit();
     let cfg = source.load().map_err(DaemonError::Config)?;
     let metrics = Arc::new(Metrics::new());
     let admin_state = AdminState::new(Arc::clone(&metrics));
@@ -432,13 +447,33 @@ impl Daemon {
                 r.ports.len()
             );
         }
-        let _ = writeln!(s, "counters:");
-        for line in self.metrics.encode().lines() {
-            if line.starts_with("etp_") && !line.starts_with("etp_build_info") {
-                let _ = writeln!(s, "  {line}");
-            }
-        }
         self.admin.set_status(s);
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit. A spliced TCP flow holds up to six
+/// descriptors (two sockets, two pipes of two ends each) and a UDP flow two sockets, so the
+/// usual soft limit of 1024 would cap etp at ~170 busy flows, far below `limits.max_tcp_flows`.
+/// Failing to raise it is not fatal: accept errors are counted and the relay falls back to
+/// copying when no pipe can be had.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(
+                from = soft,
+                to = hard,
+                "raised the open-file limit (RLIMIT_NOFILE)"
+            ),
+            Err(e) => {
+                warn!(soft, hard, error = %e, "raising the open-file limit (RLIMIT_NOFILE) failed")
+            }
+        },
+        Ok((soft, _)) => info!(
+            limit = soft,
+            "open-file limit (RLIMIT_NOFILE) already at its hard limit"
+        ),
+        Err(e) => warn!(error = %e, "reading the open-file limit (RLIMIT_NOFILE) failed"),
     }
 }
 

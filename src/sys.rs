@@ -36,6 +36,27 @@ pub fn domain_of(a: &SocketAddr) -> Domain {
     }
 }
 
+/// The destination the client addressed, for an accepted TPROXY'd TCP connection.
+///
+/// Normally that is the socket's local address: TPROXY delivers without rewriting the
+/// destination. But the tproxy rule runs at mangle priority, before nat prerouting, so a DNAT
+/// that runs later (kube-proxy translating a ClusterIP to an endpoint) rewrites the packet and
+/// the accepted socket's local address becomes the endpoint. conntrack's original tuple still
+/// holds what the client sent to: `SO_ORIGINAL_DST` (IPv6: `IP6T_SO_ORIGINAL_DST`) returns it.
+/// Without a conntrack entry it fails (ENOENT), and the local address is the answer.
+pub fn accepted_orig_dst(sock: socket2::SockRef<'_>, local: SocketAddr) -> SocketAddr {
+    let local = unmap(local);
+    let nat = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    nat.ok()
+        .and_then(|a| a.as_socket())
+        .map(unmap)
+        .unwrap_or(local)
+}
+
 /// Sets `IP_TRANSPARENT` or `IPV6_TRANSPARENT` (CAP_NET_ADMIN or CAP_NET_RAW), matching the
 /// socket's family.
 pub fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {

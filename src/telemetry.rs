@@ -33,16 +33,6 @@ pub fn init(verbosity: u8, format: LogFormat) {
     };
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn verbosity_maps_to_levels() {
-        assert_eq!(super::level_for(0), "info");
-        assert_eq!(super::level_for(2), "debug");
-        assert_eq!(super::level_for(9), "trace");
-    }
-}
-
 /// An error and its causes on one line: `applying the ruleset: policy routing: adding ...: File exists`.
 /// Error types keep causes as `#[source]` and leave them out of their own message.
 pub fn chain(e: &dyn std::error::Error) -> String {
@@ -54,4 +44,14 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn verbosity_maps_to_levels() {
+        assert_eq!(super::level_for(0), "info");
+        assert_eq!(super::level_for(2), "debug");
+        assert_eq!(super::level_for(9), "trace");
+    }
 }

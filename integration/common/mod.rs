@@ -6,6 +6,9 @@
 //! runs them.
 #![allow(dead_code)]
 
+pub mod load;
+pub mod topo;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -449,7 +449,9 @@ impl Nft {
                 bytes: req.len(),
                 source,
             })?;
-        let deadline = Instant::now() + self.timeout;
+        // An inactivity deadline: big dumps (300k set elements take the kernel ~10 s to walk)
+        // keep it moving as long as replies arrive; a silent kernel still ends the wait.
+        let mut deadline = Instant::now() + self.timeout;
         let mut out = Vec::new();
         loop {
             let wait = deadline.saturating_duration_since(Instant::now());
@@ -469,6 +471,7 @@ impl Nft {
                 }
                 Err(source) => return Err(NftError::Recv { what, source }),
             };
+            deadline = Instant::now() + self.timeout;
             for m in Msgs(&self.buf[..n]) {
                 if m.seq != seq {
                     continue;

@@ -59,7 +59,7 @@ pub(super) async fn accept_loop(dp: &Dataplane, listener: TcpListener) {
             }
         };
         let orig = match stream.local_addr() {
-            Ok(a) => OrigDst(sys::unmap(a)),
+            Ok(a) => OrigDst(sys::accepted_orig_dst(socket2::SockRef::from(&stream), a)),
             Err(e) => {
                 debug!(error = %e, "getsockname on an accepted connection failed");
                 continue;

@@ -1,0 +1,644 @@
+//! The daemon on a real kernel: `etp run` in the router namespace of the shared topology
+//! (`common::topo`), driven by signals while real TCP and UDP traffic flows.
+//!
+//! Routes in every config here: `mesh` (10.96.0.10, fd00:10:96::a, TCP -> Linkerd stand-in),
+//! `direct` (10.96.0.16/29, fd00:10:96::14, TCP direct) and `udp` (10.96.0.10 and
+//! fd00:10:96::a ports 53 and 7001, UDP direct). Config B adds a bypass address and a route
+//! `extra`; both keep the routes the traffic uses. Every loop is bounded in count and time;
+//! results are checked by what arrived, never by how long it took.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::load::{Load, LoadReport};
+use common::topo::{
+    curl, dig, in_netns, kit_ok, metric, spawn_etp, standin_lines, start_etp, start_etp_with,
+    start_standin, stop_etp, topo, Etp, Opts,
+};
+use common::{wait_for, TempFile};
+
+const BASE: &str = r#"
+[listener]
+port = PORT
+ipv6 = true
+
+[bypass]
+destinations = BYPASS
+
+[limits]
+connect_timeout_ms = 1000
+
+[[route]]
+name = "mesh"
+protocols = ["tcp"]
+destinations = ["10.96.0.10/32", "fd00:10:96::a/128"]
+ports = ["1-65535"]
+action = "linkerd"
+
+[[route]]
+name = "direct"
+protocols = ["tcp"]
+destinations = ["10.96.0.16/29", "fd00:10:96::14/128"]
+ports = ["1-65535"]
+action = "direct"
+
+[[route]]
+name = "udp"
+protocols = ["udp"]
+destinations = ["10.96.0.10/32", "fd00:10:96::a/128"]
+ports = [53, 7001]
+action = "direct"
+"#;
+
+const EXTRA: &str = r#"
+[[route]]
+name = "extra"
+protocols = ["tcp"]
+destinations = ["10.96.0.40/32"]
+ports = [80, 443]
+action = "direct"
+"#;
+
+/// A Linkerd route for UDP: rejected by validation (Linkerd proxies no UDP).
+const BAD: &str = r#"
+[[route]]
+name = "bad"
+protocols = ["udp"]
+destinations = ["10.96.0.50/32"]
+ports = [53]
+action = "linkerd"
+"#;
+
+fn cfg_a() -> String {
+    BASE.replace("PORT", "15001")
+        .replace("BYPASS", r#"["10.96.0.22/32"]"#)
+}
+
+fn cfg_b() -> String {
+    BASE.replace("PORT", "15001")
+        .replace("BYPASS", r#"["10.96.0.22/32", "10.96.0.23/32"]"#)
+        + EXTRA
+}
+
+fn flows(m: &str, route: &str, action: &str, proto: &str) -> u64 {
+    metric(
+        m,
+        &format!(r#"etp_flows_total{{route="{route}",action="{action}",proto="{proto}"}}"#),
+    )
+}
+
+fn reloads(m: &str, result: &str) -> u64 {
+    metric(m, &format!(r#"etp_reloads_total{{result="{result}"}}"#))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `etp audit -c FILE` with `body` (plus this instance's admin/daemon settings).
+fn audit_against(etp: &Etp, body: &str) -> Output {
+    let f = TempFile::new("audit.toml", &etp.config_text(body));
+    etp.cli_with_config(&["audit"], f.as_str())
+}
+
+/// Polls `etp audit` (current config file) until it says in sync; at most `limit`.
+fn wait_in_sync(etp: &Etp, limit: Duration) -> bool {
+    wait_for(limit, || {
+        let o = etp.cli(&["audit"]);
+        (o.status.success() && String::from_utf8_lossy(&o.stdout).contains("in sync")).then_some(())
+    })
+    .is_some()
+}
+
+fn hup(etp: &Etp) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(etp.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP to etp");
+}
+
+/// What the witnesses show of etp's kernel state in the router namespace.
+fn kernel_state(t: &common::topo::Topo) -> (bool, usize, String) {
+    let tables = t.router.nft(&["list", "tables"]);
+    let table = tables.lines().any(|l| l.trim() == "table inet etp");
+    let rules = t.router.ip(&["-4", "rule"]) + &t.router.ip(&["-6", "rule"]);
+    let n_rules = rules.lines().filter(|l| l.contains("lookup 15001")).count();
+    let routes = t.router.ip(&["-4", "route", "show", "table", "15001"])
+        + &t.router.ip(&["-6", "route", "show", "table", "15001"]);
+    (table, n_rules, routes.trim().to_string())
+}
+
+#[test]
+fn reload_storm_under_load_breaks_nothing() {
+    require_root!();
+    let t = topo();
+    let slog = TempFile::new("standin.log", "");
+    let _standin = start_standin(&t.router, &slog);
+    let etp = start_etp(&t.router, &cfg_a());
+
+    let load = Load::start(&t.client.name);
+    // Let every kind of traffic get going before the storm.
+    assert!(
+        load.wait_progress(Duration::from_secs(10)),
+        "traffic did not start"
+    );
+    const SIGHUPS: usize = 120;
+    for i in 0..SIGHUPS {
+        // Odd reloads install B; the last one (i = 119) too, so B is the final config.
+        etp.write_config(&if i % 2 == 1 { cfg_b() } else { cfg_a() });
+        if i == SIGHUPS - 1 {
+            // The last one through `etp reload` (the pid file), as an operator would.
+            let o = etp.cli(&["reload"]);
+            assert!(o.status.success(), "etp reload: {}", text(&o));
+        } else {
+            hup(&etp);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(
+        wait_in_sync(&etp, Duration::from_secs(15)),
+        "final config B not in force: {}",
+        text(&etp.cli(&["audit"]))
+    );
+    // And it really is B that is in force, not A.
+    let a = audit_against(&etp, &cfg_a());
+    assert_eq!(a.status.code(), Some(1), "A should differ: {}", text(&a));
+    // Traffic keeps flowing for a moment after the storm, then stops.
+    std::thread::sleep(Duration::from_millis(500));
+    let r: LoadReport = load.finish();
+    eprintln!("reload storm: {SIGHUPS} SIGHUPs; {r:?}");
+
+    assert!(r.short_ok >= 100, "too little traffic to mean much: {r:?}");
+    assert_eq!(r.short_failed, 0, "failed short connections: {r:?}");
+    assert_eq!(r.long_broken, 0, "broken long-lived flows: {r:?}");
+    assert!(r.long_bytes.iter().all(|&b| b > 0), "{r:?}");
+    assert_eq!(r.udp_lost, 0, "UDP queries unanswered after retries: {r:?}");
+    assert!(r.udp_ok >= 100, "{r:?}");
+
+    let m = etp.settled_metrics();
+    let ok = reloads(&m, "ok");
+    eprintln!(
+        "reloads ok={ok} error={} generation={}",
+        reloads(&m, "error"),
+        metric(&m, "etp_ruleset_generation")
+    );
+    assert!(ok >= 1 && ok <= SIGHUPS as u64, "reloads ok = {ok}: {m}");
+    assert_eq!(reloads(&m, "error"), 0, "{m}");
+    // Every connection was intercepted, none slipped past during a swap: the counters equal
+    // what the clients made (short ones + the long-lived ones).
+    assert_eq!(
+        flows(&m, "direct", "direct", "tcp"),
+        r.short_ok_direct + r.long_direct,
+        "{m}"
+    );
+    assert_eq!(
+        flows(&m, "mesh", "linkerd", "tcp"),
+        r.short_ok_mesh + r.long_mesh,
+        "{m}"
+    );
+    assert_eq!(flows(&m, "udp", "direct", "udp"), r.udp_sockets, "{m}");
+    let handoffs = standin_lines(&slog);
+    assert_eq!(
+        handoffs.len() as u64,
+        r.short_ok_mesh + r.long_mesh,
+        "one hand-off per mesh connection"
+    );
+    assert!(!handoffs.iter().any(|l| l.starts_with("dropped")));
+    let m = stop_etp(etp);
+    assert!(m.contains("etp_reloads_total"));
+}
+
+#[test]
+fn a_bad_config_on_reload_keeps_the_old_ruleset() {
+    require_root!();
+    let t = topo();
+    let etp = start_etp(&t.router, &cfg_a());
+    let before = etp.metrics();
+    assert_eq!(
+        kit_ok(&t.client, &["echo", "10.96.0.20:7001", "before"]),
+        "before"
+    );
+
+    etp.write_config(&(cfg_b() + BAD));
+    hup(&etp);
+    let failed = wait_for(Duration::from_secs(10), || {
+        (reloads(&etp.metrics(), "error") == 1).then_some(())
+    });
+    assert!(failed.is_some(), "no failed reload counted");
+    // The old ruleset is in force, unchanged (audit against the OLD config: in sync).
+    let o = audit_against(&etp, &cfg_a());
+    assert!(o.status.success(), "old config not in force: {}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("in sync"));
+    // The error names file:line and key.
+    let log = etp.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("reload failed"))
+        .unwrap_or_else(|| panic!("no 'reload failed' line: {log}"));
+    let want = format!("{}:", etp.cfg.as_str());
+    let at = line.find(&want).unwrap_or_else(|| panic!("{line}"));
+    let rest = &line[at + want.len()..];
+    let lineno: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    assert!(!lineno.is_empty(), "no line number: {line}");
+    assert!(
+        rest.contains("route[4].action") && rest.contains("takes TCP only"),
+        "{line}"
+    );
+    eprintln!("bad reload logged: {line}");
+    // Traffic still flows, intercepted.
+    assert_eq!(
+        kit_ok(&t.client, &["echo", "10.96.0.20:7001", "after"]),
+        "after"
+    );
+    let (code, _) = etp.get("/ready");
+    assert_eq!(code, 200);
+    // (`etp status -c FILE` itself refuses to run while FILE is invalid: ask the endpoint.)
+    let (code, status) = etp.get("/status");
+    assert_eq!(code, 200);
+    assert!(
+        status.contains("last reload: ") && status.contains("failed: config:"),
+        "{status}"
+    );
+    let m = stop_etp(etp);
+    assert_eq!(reloads(&m, "ok"), reloads(&before, "ok"));
+    assert_eq!(flows(&m, "direct", "direct", "tcp"), 2, "{m}");
+}
+
+/// Connects from inside `ns` and hands the socket back (it stays in that namespace).
+fn connect_in(ns: &str, addr: &str) -> TcpStream {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let s = in_netns(ns, move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    })
+    .join()
+    .expect("connect thread")
+    .expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn echo_on(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("write");
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).expect("read echo");
+    assert_eq!(back, msg);
+}
+
+#[test]
+fn sigterm_drains_then_removes_everything() {
+    require_root!();
+    let t = topo();
+    let opts = Opts {
+        drain_seconds: 4,
+        ..Opts::default()
+    };
+    let mut etp = start_etp_with(&t.router, &cfg_a(), opts);
+    let (table, rules, routes) = kernel_state(&t);
+    assert!(table && rules == 2 && !routes.is_empty(), "{routes}");
+
+    // One flow that will finish during the drain, one that stays idle until the deadline.
+    let mut open = connect_in(&t.client.name, "10.96.0.20:7001");
+    echo_on(&mut open, b"before SIGTERM\n");
+    let mut idle = t
+        .client
+        .spawn("socat", &["-u", "TCP:10.96.0.20:7002", "STDOUT"]);
+    let m = etp.metrics();
+    let counted = wait_for(Duration::from_secs(5), || {
+        let m = etp.metrics();
+        (metric(
+            &m,
+            r#"etp_flows_active{route="direct",action="direct",proto="tcp"}"#,
+        ) == 2)
+            .then_some(())
+    });
+    assert!(counted.is_some(), "{m}");
+
+    let t0 = Instant::now();
+    etp.proc.signal("TERM");
+    let draining = wait_for(Duration::from_secs(5), || {
+        etp.log_text().contains("draining flows").then_some(())
+    });
+    assert!(draining.is_some(), "{}", etp.log_text());
+    // A SIGHUP during shutdown is harmless.
+    hup(&etp);
+    // The open flow still works during the drain.
+    echo_on(&mut open, b"during the drain\n");
+    // New connections go straight to the server: it sees the client's own address.
+    let body = curl(&t.client, "http://10.96.0.20:8080/");
+    assert!(
+        body.starts_with("hello from 10.96.0.20:8080 to 10.10.1.2:"),
+        "{body}"
+    );
+    // The open flow ends normally.
+    open.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).expect("clean EOF");
+    assert!(rest.is_empty());
+    // The idle one is closed at the deadline; etp then exits 0.
+    let out = etp
+        .proc
+        .wait_timeout(Duration::from_secs(4 + 15))
+        .expect("etp exits after the drain deadline");
+    let took = t0.elapsed();
+    assert!(out.status.success(), "{}: {}", out.status, etp.log_text());
+    let held = idle
+        .wait_timeout(Duration::from_secs(10))
+        .expect("the idle client sees its connection closed");
+    assert!(String::from_utf8_lossy(&held.stdout).starts_with("banner from 10.96.0.20:7002"));
+    let log = etp.log_text();
+    assert!(
+        log.contains("drain deadline reached: closing remaining flows flows=1"),
+        "{log}"
+    );
+    assert!(log.contains("ruleset removed"), "{log}");
+    let (table, rules, routes) = kernel_state(&t);
+    assert!(!table, "table inet etp left behind");
+    assert_eq!(rules, 0, "ip rules left behind");
+    assert_eq!(routes, "", "routes left in table 15001");
+    assert!(!etp.pid_file.exists(), "pid file left behind");
+    eprintln!("SIGTERM with drain_seconds=4: exit 0 after {took:?}");
+}
+
+#[test]
+fn sigkill_fails_open_and_a_restart_recovers() {
+    require_root!();
+    let t = topo();
+    let slog = TempFile::new("standin.log", "");
+    let _standin = start_standin(&t.router, &slog);
+    let mut etp = start_etp(&t.router, &cfg_a());
+    let body = curl(&t.client, "http://10.96.0.10:8080/");
+    assert!(body.contains(" to 10.10.2.1:"), "via the stand-in: {body}");
+    assert_eq!(standin_lines(&slog).len(), 1);
+    let g1 = metric(&etp.metrics(), "etp_ruleset_generation");
+
+    // SIGKILL: no cleanup; the table, rules and routes stay.
+    let killed = etp.proc.kill_output();
+    assert!(!killed.status.success());
+    let (table, rules, _) = kernel_state(&t);
+    assert!(table && rules == 2, "stale state should remain");
+    // With no socket on the tproxy port the tproxy rule does not match: traffic goes direct.
+    let body = curl(&t.client, "http://10.96.0.10:8080/");
+    assert!(body.contains(" to 10.10.1.2:"), "direct: {body}");
+    let body = curl(&t.client, "http://10.96.0.20:8080/");
+    assert!(body.contains(" to 10.10.1.2:"), "direct: {body}");
+    assert_eq!(dig(&t.client, "10.96.0.10"), "10.1.2.3");
+    assert_eq!(
+        standin_lines(&slog).len(),
+        1,
+        "the stand-in saw nothing new"
+    );
+    drop(etp);
+
+    // Restart: the stale table is replaced by one transaction (generation + 1).
+    let etp = start_etp(&t.router, &cfg_a());
+    let g2 = metric(&etp.metrics(), "etp_ruleset_generation");
+    assert_eq!(g2, g1 + 1, "one commit replaces the stale table");
+    let o = etp.cli(&["audit"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (table, rules, _) = kernel_state(&t);
+    assert!(table && rules == 2, "no duplicate ip rules");
+    let body = curl(&t.client, "http://10.96.0.10:8080/");
+    assert!(body.contains(" to 10.10.2.1:"), "intercepted again: {body}");
+    assert_eq!(standin_lines(&slog).len(), 2);
+    let body = curl(&t.client, "http://10.96.0.20:8080/");
+    assert!(body.contains(" to 10.10.2.1:"), "intercepted again: {body}");
+    let m = stop_etp(etp);
+    assert_eq!(flows(&m, "direct", "direct", "tcp"), 1, "{m}");
+    eprintln!("SIGKILL/restart: generation {g1} -> {g2}");
+}
+
+#[test]
+fn outside_changes_are_repaired_at_the_next_resync() {
+    require_root!();
+    let t = topo();
+    let opts = Opts {
+        resync_seconds: 1,
+        ..Opts::default()
+    };
+    let etp = start_etp_with(&t.router, &cfg_a(), opts);
+    let repairs = |etp: &Etp| metric(&etp.metrics(), "etp_drift_repairs_total");
+    assert_eq!(repairs(&etp), 0);
+
+    // 1. Someone flushes etp's table: every rule is gone.
+    t.router.nft(&["flush", "table", "inet", "etp"]);
+    assert!(
+        wait_in_sync(&etp, Duration::from_secs(15)),
+        "flush not repaired: {}",
+        text(&etp.cli(&["audit"]))
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || (repairs(&etp) >= 1)
+            .then_some(()))
+        .is_some(),
+        "repair not counted"
+    );
+    let log = etp.log_text();
+    assert!(
+        log.contains("drift found drift=missing rule in chain prerouting"),
+        "{log}"
+    );
+    assert!(log.contains("drift repaired"), "{log}");
+    // Intercepting again.
+    assert_eq!(kit_ok(&t.client, &["echo", "10.96.0.20:7001", "x"]), "x");
+    let after_flush = repairs(&etp);
+
+    // 2. Someone deletes etp's IPv4 ip rule.
+    t.router.ip(&[
+        "-4",
+        "rule",
+        "del",
+        "priority",
+        "30100",
+        "fwmark",
+        "0x1000/0x3000",
+    ]);
+    assert!(
+        wait_in_sync(&etp, Duration::from_secs(15)),
+        "ip rule not repaired: {}",
+        text(&etp.cli(&["audit"]))
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || (repairs(&etp) > after_flush)
+            .then_some(()))
+        .is_some(),
+        "repair not counted"
+    );
+    let log = etp.log_text();
+    assert!(log.contains("drift found drift=missing rule"), "{log}");
+    let (_, rules, _) = kernel_state(&t);
+    assert_eq!(rules, 2);
+    assert_eq!(kit_ok(&t.client, &["echo", "10.96.0.20:7001", "y"]), "y");
+    let m = stop_etp(etp);
+    assert_eq!(flows(&m, "direct", "direct", "tcp"), 2, "{m}");
+    eprintln!(
+        "drift: repairs after flush {after_flush}, after ip rule del {}",
+        metric(&m, "etp_drift_repairs_total")
+    );
+}
+
+#[test]
+fn the_original_command_line_intercepts_and_counts_exactly() {
+    require_root!();
+    let t = topo();
+    // The file says port 15009; the copied DaemonSet flag `-port=15001` overrides it. No
+    // RUST_LOG: `-v=2` alone must give per-flow debug logs.
+    let opts = Opts {
+        args: ["-port=15001", "--logtostderr", "-v=2", "-c", "CFG"]
+            .map(String::from)
+            .to_vec(),
+        rust_log: None,
+        ..Opts::default()
+    };
+    let body = cfg_a().replace("port = 15001", "port = 15009");
+    let etp = start_etp_with(&t.router, &body, opts);
+    const N: usize = 20;
+    let mut sent = 0u64;
+    for i in 0..N {
+        let msg = format!("{i:03}:{}", "x".repeat(50 * i));
+        assert_eq!(kit_ok(&t.client, &["echo", "10.96.0.20:7001", &msg]), msg);
+        sent += msg.len() as u64;
+    }
+    let mut udp_sent = 0u64;
+    for size in [100usize, 1000, 1400, 9000, 30000] {
+        let addr = if size % 2 == 0 {
+            "10.96.0.10:7001"
+        } else {
+            "[fd00:10:96::a]:7001"
+        };
+        let out = kit_ok(&t.client, &["udp", addr, &size.to_string()]);
+        assert_eq!(out, format!("ok from={addr} len={size}"));
+        udp_sent += size as u64;
+    }
+    let m = stop_etp_checked(etp);
+    let bytes = |route: &str, dir: &str| {
+        metric(
+            &m,
+            &format!(r#"etp_bytes_total{{route="{route}",direction="{dir}"}}"#),
+        )
+    };
+    assert_eq!(flows(&m, "direct", "direct", "tcp"), N as u64, "{m}");
+    assert_eq!(bytes("direct", "client_to_upstream"), sent, "{m}");
+    assert_eq!(bytes("direct", "upstream_to_client"), sent, "{m}");
+    assert_eq!(flows(&m, "udp", "direct", "udp"), 5, "{m}");
+    assert_eq!(bytes("udp", "client_to_upstream"), udp_sent, "{m}");
+    assert_eq!(bytes("udp", "upstream_to_client"), udp_sent, "{m}");
+    eprintln!("original command line: {N} TCP flows, {sent} bytes each way; 5 UDP flows, {udp_sent} bytes each way");
+}
+
+/// `stop_etp` that also checks the per-flow debug lines `-v=2` promises.
+fn stop_etp_checked(etp: Etp) -> String {
+    let log = etp.log_text();
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("DEBUG") && l.contains("accepted"))
+            .count()
+            >= 20,
+        "-v=2 gives per-flow debug lines: {log}"
+    );
+    assert!(log.contains("port=15001"), "{log}");
+    stop_etp(etp)
+}
+
+#[test]
+fn status_ready_and_live() {
+    require_root!();
+    let t = topo();
+    let etp = start_etp(&t.router, &cfg_a());
+    assert_eq!(etp.get("/ready").0, 200);
+    assert_eq!(etp.get("/live").0, 200);
+    let mut open = connect_in(&t.client.name, "10.96.0.20:7001");
+    echo_on(&mut open, b"hold\n");
+    let gen = metric(&etp.metrics(), "etp_ruleset_generation");
+    // The status text is refreshed every second.
+    let status = wait_for(Duration::from_secs(10), || {
+        let o = etp.cli(&["status"]);
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        (o.status.success() && s.contains("active flows: 1")).then_some(s)
+    })
+    .expect("etp status shows the open flow");
+    for want in [
+        "routes:".to_string(),
+        "mesh".to_string(),
+        "direct".to_string(),
+        "udp".to_string(),
+        format!("ruleset generation: {gen}"),
+        "last reload: none".to_string(),
+        "listener: port 15001".to_string(),
+    ] {
+        assert!(status.contains(&want), "missing {want:?} in:\n{status}");
+    }
+    etp.write_config(&cfg_b());
+    let o = etp.cli(&["reload"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let status = wait_for(Duration::from_secs(10), || {
+        let s = String::from_utf8_lossy(&etp.cli(&["status"]).stdout).into_owned();
+        (s.contains("last reload:") && s.contains(", ok") && s.contains("extra")).then_some(s)
+    })
+    .expect("etp status shows the reload");
+    assert!(!status.contains(&format!("ruleset generation: {gen}\n")));
+    echo_on(&mut open, b"still open after the reload\n");
+    drop(open);
+    stop_etp(etp);
+}
+
+#[test]
+fn sighup_burst_during_startup_is_harmless() {
+    require_root!();
+    let t = topo();
+    let bin = std::fs::canonicalize(common::etp_bin()).unwrap();
+    let mut etp = spawn_etp(&t.router, &cfg_a(), Opts::default());
+    let pid = etp.pid();
+    // Wait until the pid runs etp itself (before that it is `ip netns exec`), then signal
+    // it continuously until it writes its pid file (after READY), at most 20 s / 100k times.
+    // Polled without sleeping (bounded by time), so the first SIGHUP follows the exec as
+    // closely as the test can manage.
+    let exe = format!("/proc/{pid}/exe");
+    let t0 = Instant::now();
+    while std::fs::read_link(&exe).ok().as_deref() != Some(bin.as_path()) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "etp never started");
+        std::hint::spin_loop();
+    }
+    let (mut sent, t0) = (0u32, Instant::now());
+    while !etp.pid_file.exists() && sent < 100_000 && t0.elapsed() < Duration::from_secs(20) {
+        // A dead, unreaped etp still accepts signals: look every 100 of them.
+        if sent % 100 == 0 && etp.exited().is_some() {
+            break;
+        }
+        if nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .is_err()
+        {
+            break;
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert!(
+        etp.exited().is_none(),
+        "etp died from a SIGHUP during start-up after {sent} signals: {}",
+        etp.log_text()
+    );
+    etp.wait_ready();
+    let ok = wait_in_sync(&etp, Duration::from_secs(10));
+    assert!(ok, "{}", text(&etp.cli(&["audit"])));
+    let m = etp.metrics();
+    assert_eq!(reloads(&m, "error"), 0, "{m}");
+    assert_eq!(kit_ok(&t.client, &["echo", "10.96.0.20:7001", "z"]), "z");
+    eprintln!(
+        "start-up: {sent} SIGHUPs before the pid file; reloads ok={}",
+        reloads(&m, "ok")
+    );
+    stop_etp(etp);
+}

@@ -1,0 +1,413 @@
+#!/usr/bin/env bash
+# Data-path benchmark: client -- router -- server in throwaway network namespaces, the same
+# kernel path for every interceptor, side by side in one run:
+#   routing         no interception: the router only forwards (the limit on this machine)
+#   etp             `etp run`, route action `direct`, splice(2) relay (the default)
+#   etp-copy        the same with the buffered copy relay (ETP_RELAY=copy)
+#   haproxy         HAProxy, `bind ... transparent`, `server orig 0.0.0.0` (= original destination)
+#   haproxy-splice  the same with `option splice-auto`
+#   nginx           nginx stream, `proxy_pass $server_addr:$server_port`, on a transparent listener
+#   etp-linkerd     etp with action `linkerd`: hand-off through the Linkerd stand-in (extra row)
+#
+# The peers get the very ruleset etp installs (`etp render` loaded with nft -f, plus the same
+# `ip rule fwmark` / `ip route local` pair), so only the user-space program differs between rows.
+# nginx has no `transparent` listen parameter: its listener would not get IP_TRANSPARENT and the
+# tproxy rule would not match it (the connection is then routed past nginx). So the script hands
+# nginx an already-bound IP_TRANSPARENT listening socket through nginx's own socket inheritance
+# (the NGINX environment variable of its binary upgrade); nginx itself is stock.
+#
+# Per row: iperf3 1 stream (median of 3) and 4 streams; wrk against nginx in the server namespace
+# with keep-alive (requests/s, p50, p99) and without (`Connection: close`: connections/s); DNS
+# requests/s with dnsperf against dnsmasq (UDP, only where the interceptor relays UDP); the
+# interceptor's CPU seconds per phase (utime+stime from /proc/PID/stat, all its processes); its
+# RSS idle, and with 1,000 idle connections open through it (VmRSS), and its peak (VmHWM).
+#
+# Usage: scripts/bench-datapath.sh [path/to/etp]   (root; IPv4; traffic only inside the namespaces)
+# Env: BENCH_SECS (per run, default 5), BENCH_ROUNDS (default 3), BENCH_ROWS (default: all rows
+# above), BENCH_TSV (copy of the raw results), BENCH_CONNS (idle connections, default 1000).
+set -euo pipefail
+ETP=$(realpath "${1:-target/release/etp}")
+EX="$(dirname "$ETP")/examples"
+SECS=${BENCH_SECS:-5}
+ROWS=${BENCH_ROWS:-routing etp etp-copy haproxy haproxy-splice nginx etp-linkerd}
+CONNS=${BENCH_CONNS:-1000}
+ROUNDS=${BENCH_ROUNDS:-3}
+[ "$(id -u)" = 0 ] || { echo "bench: run as root (network namespaces)"; exit 2; }
+[ -x "$ETP" ] || { echo "bench: $ETP not built (make build)"; exit 2; }
+for b in iperf3 wrk dnsperf dnsmasq haproxy nginx nft python3 setpriv; do
+  command -v "$b" >/dev/null || { echo "bench: $b missing (make deps installs BENCH_PACKAGES)"; exit 2; }
+done
+NGX_STREAM=/usr/lib/nginx/modules/ngx_stream_module.so
+[ -f "$NGX_STREAM" ] || { echo "bench: $NGX_STREAM missing (libnginx-mod-stream)"; exit 2; }
+
+P="etpb$$"
+C="$P-c" R="$P-r" S="$P-s"
+WORK=$(mktemp -d /tmp/etp-bench.XXXXXX)
+chmod 755 "$WORK"
+RES="$WORK/results.tsv"
+SVC=10.96.0.10
+cleanup() {
+  set +e
+  for ns in "$C" "$R" "$S"; do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill "$pid" 2>/dev/null; done
+  done
+  sleep 0.5
+  for ns in "$C" "$R" "$S"; do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
+    ip netns del "$ns" 2>/dev/null
+  done
+  [ -n "${BENCH_TSV:-}" ] && [ -f "$RES" ] && cp "$RES" "$BENCH_TSV"
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
+# waits (bounded) until `cmd...` succeeds; $1 = tenths of a second
+waitfor() { local n=$1; shift; for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
+ulimit -n "$(ulimit -Hn)"  # 20000 here: enough for 2x CONNS sockets in every process
+
+# ---- topology -------------------------------------------------------------------------------
+log "topology: $C (10.10.1.2) -- $R (10.10.1.1 | 10.10.2.1) -- $S (10.10.2.2, service $SVC)"
+for ns in "$C" "$R" "$S"; do ip netns add "$ns"; nsx "$ns" ip link set lo up; done
+ip -n "$C" link add eth0 type veth peer name c0 netns "$R"
+ip -n "$R" link add s0 type veth peer name eth0 netns "$S"
+nsx "$C" ip addr add 10.10.1.2/24 dev eth0
+nsx "$R" ip addr add 10.10.1.1/24 dev c0
+nsx "$R" ip addr add 10.10.2.1/24 dev s0
+nsx "$S" ip addr add 10.10.2.2/24 dev eth0
+nsx "$S" ip addr add "$SVC/32" dev lo
+for l in "$C:eth0" "$R:c0" "$R:s0" "$S:eth0"; do nsx "${l%%:*}" ip link set "${l#*:}" up; done
+nsx "$C" ip route add default via 10.10.1.1
+nsx "$S" ip route add default via 10.10.2.1
+nsx "$R" ip route add 10.96.0.0/12 via 10.10.2.2
+nsx "$R" sysctl -qw net.ipv4.ip_forward=1
+# Many short connections: wide port ranges and TIME-WAIT reuse on every side.
+for ns in "$C" "$R" "$S"; do
+  nsx "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
+done
+
+# ---- servers --------------------------------------------------------------------------------
+log "servers in $S: iperf3 :5201, nginx HTTP :8080, dnsmasq :53 (all on $SVC)"
+mkdir -p "$WORK/srv"
+cat >"$WORK/srv/nginx.conf" <<EOF
+daemon off; master_process on; worker_processes 1; worker_rlimit_nofile 16000;
+pid $WORK/srv/nginx.pid; error_log $WORK/srv/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off; keepalive_requests 1000000; keepalive_timeout 120s; client_header_timeout 120s;
+  server { listen $SVC:8080 backlog=4096; location / { return 200 "hello from the benchmark server\n"; } }
+}
+EOF
+nsx "$S" iperf3 -s -B "$SVC" -p 5201 >"$WORK/srv/iperf3.log" 2>&1 &
+nsx "$S" nginx -c "$WORK/srv/nginx.conf" -e "$WORK/srv/error.log" >"$WORK/srv/nginx.out" 2>&1 &
+nsx "$S" dnsmasq --no-daemon --conf-file=/dev/null --no-resolv --no-hosts --pid-file --user=root \
+  --bind-interfaces --listen-address="$SVC" --address=/bench.test/10.1.2.3 --cache-size=1000 \
+  --dns-forward-max=1000 >"$WORK/srv/dnsmasq.log" 2>&1 &
+listening() { [ "$(nsx "$1" ss -H "$2" "sport = :$3" | wc -l)" -ge 1 ]; }
+waitfor 100 listening "$S" -ltn 5201 || { echo "bench: iperf3 did not start"; exit 1; }
+waitfor 100 listening "$S" -ltn 8080 || { cat "$WORK/srv/error.log"; echo "bench: nginx did not start"; exit 1; }
+waitfor 100 listening "$S" -lun 53 || { echo "bench: dnsmasq did not start"; exit 1; }
+printf 'bench.test A\n' >"$WORK/queries"
+
+# ---- interceptors ---------------------------------------------------------------------------
+etp_cfg() { # $1 = tcp action
+  cat <<EOF
+[listener]
+port = 15001
+ipv6 = false
+local = false
+[admin]
+address = "127.0.0.1:15002"
+[daemon]
+pid_file = "$WORK/etp.pid"
+drain_seconds = 1
+[limits]
+max_tcp_flows = 20000
+[bypass]
+destinations = []
+ports = []
+[[route]]
+name = "bench-tcp"
+protocols = ["tcp"]
+destinations = ["$SVC/32"]
+ports = ["1-65535"]
+action = "$1"
+[[route]]
+name = "bench-udp"
+protocols = ["udp"]
+destinations = ["$SVC/32"]
+ports = ["1-65535"]
+action = "direct"
+EOF
+}
+etp_cfg direct >"$WORK/etp-direct.toml"
+etp_cfg linkerd >"$WORK/etp-linkerd.toml"
+
+# The kernel side for the peers: exactly what etp installs for the same config.
+install_ruleset() {
+  "$ETP" render -c "$WORK/etp-direct.toml" | nsx "$R" nft -f -
+  nsx "$R" ip -4 rule add priority 30100 fwmark 0x1000/0x3000 lookup 15001
+  nsx "$R" ip -4 route add local 0.0.0.0/0 dev lo scope host table 15001
+}
+remove_ruleset() {
+  nsx "$R" nft delete table inet etp 2>/dev/null || true
+  nsx "$R" ip -4 rule del priority 30100 2>/dev/null || true
+  nsx "$R" ip -4 route flush table 15001 2>/dev/null || true
+}
+
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 2
+  maxconn 8000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+listen tproxy
+  bind 0.0.0.0:15001 transparent
+  # 0.0.0.0 with no port: the address and port the client connected to (the original destination)
+  server orig 0.0.0.0
+EOF
+sed 's/^listen tproxy$/listen tproxy\n  option splice-auto/' "$WORK/haproxy.cfg" >"$WORK/haproxy-splice.cfg"
+
+cat >"$WORK/nginx-r.conf" <<EOF
+load_module $NGX_STREAM;
+daemon off; master_process on; worker_processes 2; worker_rlimit_nofile 16000;
+pid $WORK/nginx-r.pid; error_log $WORK/nginx-r.err warn;
+events { worker_connections 8192; }
+stream {
+  server {
+    # The inherited socket (IP_TRANSPARENT, see transparent-listen.py) is this listen address.
+    listen 0.0.0.0:15001 backlog=4096;
+    proxy_connect_timeout 5s; proxy_timeout 120s;
+    # Under TPROXY the accepted socket's local address is the original destination.
+    proxy_pass \$server_addr:\$server_port;
+  }
+}
+EOF
+cat >"$WORK/transparent-listen.py" <<'EOF'
+# Binds an IP_TRANSPARENT TCP listener on 0.0.0.0:PORT and execs the command with the listener
+# passed the way nginx passes its sockets across a binary upgrade (NGINX="fd;").
+import os, socket, sys
+IP_TRANSPARENT = 19
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(4096)
+os.set_inheritable(s.fileno(), True)
+os.environ["NGINX"] = "%d;" % s.fileno()
+os.execvp(sys.argv[2], sys.argv[2:])
+EOF
+
+IPID="" PIDS=""
+# Interceptors start with `ip netns exec` itself in the background (not the nsx function), so that
+# $! is the interceptor's own pid: ip, env, setpriv and the Python helper all exec.
+start_row() { # $1 = row; sets IPID (main pid) and PIDS (all processes measured)
+  IPID=""
+  case $1 in
+    routing) return 0 ;;
+    etp|etp-copy)
+      local relay=splice; [ "$1" = etp-copy ] && relay=copy
+      ip netns exec "$R" env ETP_RELAY=$relay RUST_LOG=etp=info "$ETP" run -c "$WORK/etp-direct.toml" \
+        >"$WORK/$1.log" 2>&1 &
+      IPID=$! ;;
+    etp-linkerd)
+      ip netns exec "$R" setpriv --reuid=2102 --regid=2102 --clear-groups "$EX/linkerd-standin" --log /dev/null \
+        >"$WORK/standin.log" 2>&1 &
+      waitfor 100 listening "$R" -ltn 4140 || { echo "bench: stand-in did not start"; return 1; }
+      ip netns exec "$R" env RUST_LOG=etp=info "$ETP" run -c "$WORK/etp-linkerd.toml" >"$WORK/$1.log" 2>&1 &
+      IPID=$! ;;
+    haproxy|haproxy-splice)
+      install_ruleset
+      ip netns exec "$R" haproxy -db -f "$WORK/$1.cfg" >"$WORK/$1.log" 2>&1 &
+      IPID=$! ;;
+    nginx)
+      install_ruleset
+      ip netns exec "$R" python3 "$WORK/transparent-listen.py" 15001 nginx -c "$WORK/nginx-r.conf" \
+        -e "$WORK/nginx-r.err" >"$WORK/$1.log" 2>&1 &
+      IPID=$! ;;
+    *) echo "bench: unknown row $1"; return 1 ;;
+  esac
+  waitfor 100 listening "$R" -ltn 15001 || { cat "$WORK/$1.log"; echo "bench: $1 did not listen"; return 1; }
+  waitfor 100 nsx "$R" nft list table inet etp || { echo "bench: no ruleset for $1"; return 1; }
+  sleep 1
+  PIDS="$IPID $(pgrep -P "$IPID" | tr '\n' ' ')"
+  log "$1: measuring pids $PIDS ($(cat /proc/$IPID/comm))"
+}
+stop_row() {
+  [ -n "$IPID" ] || return 0
+  kill -TERM "$IPID" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$IPID" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$IPID" 2>/dev/null || true
+  for pid in $(ip netns pids "$R"); do kill "$pid" 2>/dev/null || true; done  # the stand-in
+  sleep 0.3
+  remove_ruleset
+}
+
+TCK=$(getconf CLK_TCK)
+cpu() { # CPU seconds (user+system) of $PIDS so far
+  [ -n "$IPID" ] || { echo 0; return; }
+  local t=0 p
+  for p in $PIDS; do
+    [ -r "/proc/$p/stat" ] && t=$((t + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+  done
+  awk -v t="$t" -v k="$TCK" 'BEGIN { printf "%.2f", t / k }'
+}
+mem() { # $1 = VmRSS or VmHWM: MB summed over $PIDS
+  [ -n "$IPID" ] || { echo "-"; return; }
+  local kb=0 p
+  for p in $PIDS; do
+    [ -r "/proc/$p/status" ] && kb=$((kb + $(awk -v k="$1:" '$1 == k {print $2}' "/proc/$p/status")))
+  done
+  awk -v kb="$kb" 'BEGIN { printf "%.1f", kb / 1024 }'
+}
+put() { printf '%s\t%s\t%s\n' "$ROW" "$1" "$2" >>"$RES"; }
+phase_cpu() { # $1 = phase name; CPU seconds since $c0
+  local now; now=$(cpu); put "cpu_$1" "$(awk -v a="$c0" -v b="$now" 'BEGIN { printf "%.2f", b - a }')"
+}
+
+# ---- measurements ---------------------------------------------------------------------------
+iperf() { # $1 = streams -> Gb/s received
+  nsx "$C" timeout $((SECS + 15)) iperf3 -c "$SVC" -p 5201 -t "$SECS" -O 1 -P "$1" -J >"$WORK/iperf.json" \
+    || { echo "bench: iperf3 failed" >&2; echo 0; return; }
+  python3 -c 'import json,sys; print("%.2f" % (json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"] / 1e9))' "$WORK/iperf.json"
+}
+wrk_run() { # $1 = name; extra wrk args follow -> puts rps, p50, p99 (ms), errors
+  local name=$1; shift
+  nsx "$C" timeout $((SECS + 20)) wrk -t1 -c32 -d"${SECS}s" --timeout 5s --latency "$@" "http://$SVC:8080/" \
+    >"$WORK/wrk.txt" 2>&1 || true
+  python3 - "$WORK/wrk.txt" "$name" >>"$RES" <<'EOF'
+import re, sys
+import os
+t = open(sys.argv[1]).read(); name = sys.argv[2]
+def ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s)", v); x = float(m.group(1))
+    return x / 1000 if m.group(2) == "us" else x * 1000 if m.group(2) == "s" else x
+rps = re.search(r"Requests/sec:\s+([\d.]+)", t)
+p50 = re.search(r"^\s+50%\s+(\S+)", t, re.M); p99 = re.search(r"^\s+99%\s+(\S+)", t, re.M)
+err = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", t))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+err += int(non2xx.group(1)) if non2xx else 0
+r = os.environ["ROW"]
+print(f"{r}\t{name}_rps\t{float(rps.group(1)) if rps else 0:.0f}")
+print(f"{r}\t{name}_p50\t{ms(p50.group(1)) if p50 else 0:.3f}")
+print(f"{r}\t{name}_p99\t{ms(p99.group(1)) if p99 else 0:.3f}")
+print(f"{r}\t{name}_errors\t{err}")
+EOF
+}
+dns_run() { # -> queries/s
+  nsx "$C" timeout $((SECS + 15)) dnsperf -s "$SVC" -d "$WORK/queries" -l "$SECS" -c 4 -q 64 -t 2 \
+    >"$WORK/dnsperf.txt" 2>&1 || true
+  awk '/Queries per second:/ {printf "%.0f", $4}' "$WORK/dnsperf.txt"
+}
+cat >"$WORK/idle-conns.py" <<'EOF'
+# Opens N TCP connections to ADDR:PORT and holds them idle; writes the count to READY, then
+# sleeps HOLD seconds (bounded) and exits.
+import socket, sys, time
+addr, port, n, ready, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+socks, deadline = [], time.time() + 30
+while len(socks) < n and time.time() < deadline:
+    socks.append(socket.create_connection((addr, port), timeout=5))
+open(ready, "w").write(str(len(socks)))
+time.sleep(hold)
+EOF
+
+measure_row() { # one round of one row; $1 = 1 on the last round (adds the idle-connections test)
+  start_row "$ROW" || { put error "did not start"; stop_row; return 0; }
+  put load "$(cut -d' ' -f1 /proc/loadavg)"
+  put rss_idle "$(mem VmRSS)"
+  c0=$(cpu); put tcp1_gbps "$(iperf 1)"; phase_cpu tcp1
+  c0=$(cpu); put tcp4_gbps "$(iperf 4)"; phase_cpu tcp4
+  c0=$(cpu); wrk_run ka; phase_cpu ka
+  c0=$(cpu); wrk_run close -H "Connection: close"; phase_cpu close
+  case $ROW in
+    haproxy*) put udp_qps "n/a" ;;          # HAProxy relays no UDP
+    nginx) put udp_qps "n/a" ;;             # not set up for UDP here (see BENCHMARKS.md)
+    *) c0=$(cpu); put udp_qps "$(dns_run)"; phase_cpu udp ;;
+  esac
+  if [ "$1" = 1 ]; then
+    rm -f "$WORK/ready"
+    nsx "$C" python3 "$WORK/idle-conns.py" "$SVC" 8080 "$CONNS" "$WORK/ready" 8 &
+    local hold=$!
+    waitfor 300 test -s "$WORK/ready" || true
+    sleep 1
+    put conns_open "$(cat "$WORK/ready" 2>/dev/null || echo 0)"
+    put rss_conns "$(mem VmRSS)"
+    put router_estab "$(nsx "$R" ss -Htn state established | wc -l)"
+    wait "$hold" 2>/dev/null || true
+    put rss_peak "$(mem VmHWM)"
+  fi
+  if [ -n "$IPID" ]; then
+    # Packets the `socket transparent 1` rule steered to accepted sockets: 0 would mean the
+    # interceptor was bypassed (fail-open) and the row measured routing.
+    put tproxied_pkts "$(nsx "$R" nft list chain inet etp prerouting | awk '/socket transparent 1/ { for (i = 1; i < NF; i++) if ($i == "packets" && $(i + 1) ~ /^[0-9]+$/) { print $(i + 1); exit } }')"
+  fi
+  stop_row
+}
+
+# Rounds interleave the rows, so that a burst of other load on the machine hits one round of
+# every row rather than every round of one row; each number in the table is the median of the
+# rounds (the idle-connections test runs in the last round only).
+: >"$RES"
+for round in $(seq 1 "$ROUNDS"); do
+  for ROW in $ROWS; do
+    export ROW
+    log "round $round/$ROUNDS: $ROW"
+    measure_row "$([ "$round" = "$ROUNDS" ] && echo 1 || echo 0)"
+  done
+done
+
+# ---- table and goals ------------------------------------------------------------------------
+python3 - "$RES" "$SECS" <<'EOF'
+import sys
+import statistics
+vals, order = {}, []
+for line in open(sys.argv[1]):
+    r, k, v = line.rstrip("\n").split("\t")
+    if r not in vals: vals[r] = {}; order.append(r)
+    vals[r].setdefault(k, []).append(v)
+def agg(vs):
+    try: x = statistics.median(float(v) for v in vs)
+    except ValueError: return vs[0]
+    return f"{x:.3f}".rstrip("0").rstrip(".") if x < 100 else f"{x:.0f}"
+rows = {r: {k: agg(v) for k, v in ks.items()} for r, ks in vals.items()}
+def f(r, k):
+    try: return float(rows.get(r, {}).get(k, "nan"))
+    except ValueError: return float("nan")
+cols = [("tcp1_gbps", "TCP 1 stream Gb/s"), ("tcp4_gbps", "TCP 4 streams Gb/s"),
+        ("ka_rps", "HTTP keep-alive req/s"), ("ka_p50", "p50 ms"), ("ka_p99", "p99 ms"),
+        ("close_rps", "HTTP conn/s"), ("close_p99", "conn p99 ms"), ("udp_qps", "DNS UDP q/s"),
+        ("cpu_tcp1", "CPU s (3x TCP 1)"), ("cpu_ka", "CPU s (keep-alive)"), ("cpu_close", "CPU s (conn/s)"),
+        ("rss_idle", "RSS idle MB"), ("rss_conns", "RSS 1k conns MB"), ("rss_peak", "RSS peak MB")]
+print("\n| row | " + " | ".join(c[1] for c in cols) + " |")
+print("|---" * (len(cols) + 1) + "|")
+for r in order:
+    print(f"| {r} | " + " | ".join(rows[r].get(c[0], "-") for c in cols) + " |")
+print("\nper round (medians above):")
+for r in order:
+    v = vals[r]; j = lambda k: " ".join(v.get(k, ["-"]))
+    print(f"- {r}: TCP 1 stream {j('tcp1_gbps')} Gb/s; keep-alive {j('ka_rps')} req/s, p99 {j('ka_p99')} ms; "
+          f"conn/s {j('close_rps')}; wrk errors {j('ka_errors')} / {j('close_errors')}; load avg {j('load')}; "
+          f"idle conns open {j('conns_open')}, router sockets established {j('router_estab')}; "
+          f"tproxied packets {j('tproxied_pkts')}")
+peers = [p for p in ("haproxy", "haproxy-splice", "nginx") if p in rows]
+if "etp" in rows and peers:
+    best = lambda k, hi=True: (max if hi else min)((f(p, k), p) for p in peers)
+    bt, bp = best("tcp1_gbps"); bc, bcp = best("close_rps"); bl, blp = best("ka_p99", False)
+    e = lambda k: f("etp", k)
+    goals = [
+        (f"1-stream throughput >= 1.2x best peer ({bp} {bt})", e("tcp1_gbps") / bt, 1.2, True),
+        ("1-stream throughput >= 0.6x routing-only" + (f" ({f('routing','tcp1_gbps')})" if "routing" in rows else ""),
+         e("tcp1_gbps") / f("routing", "tcp1_gbps"), 0.6, True),
+        (f"connection rate >= 1.2x best peer ({bcp} {bc:.0f})", e("close_rps") / bc, 1.2, True),
+        (f"keep-alive p99 <= best peer's ({blp} {bl} ms)", e("ka_p99") / bl, 1.0, False),
+        ("RSS idle < 20 MB", e("rss_idle"), 20, False),
+        (f"RSS with {rows['etp'].get('conns_open','?')} idle connections < 64 MB", e("rss_conns"), 64, False),
+    ]
+    print("\ngoals (etp = splice relay, action direct):")
+    for name, v, lim, ge in goals:
+        ok = v >= lim if ge else (v <= lim if lim == 1.0 else v < lim)
+        print(f"- {'MET' if ok else 'NOT MET'}: {name}: {v:.2f} {'>=' if ge else '<'} {lim}")
+EOF
