@@ -235,6 +235,9 @@ pub enum Match {
     Dport { proto: Proto, set: String },
     /// `socket transparent 1`
     SocketTransparent,
+    /// `tcp flags & (fin | syn | rst | ack) == syn`: only a connection's first packet is
+    /// TPROXY'd; later packets are matched by `socket transparent` after NAT (see plan.rs)
+    TcpSyn,
     /// `ct state established` (the drain table's output chain: keep rerouting packets of
     /// local flows etp already holds, let new ones go direct)
     CtEstablished,
@@ -318,6 +321,7 @@ impl fmt::Display for Match {
             Match::Dport { proto, set } => write!(f, "{proto} dport @{set}"),
             Match::SocketTransparent => f.write_str("socket transparent 1"),
             Match::CtEstablished => f.write_str("ct state established"),
+            Match::TcpSyn => f.write_str("tcp flags & (fin | syn | rst | ack) == syn"),
         }
     }
 }

@@ -17,8 +17,14 @@ pub const TABLE: &str = "etp";
 pub const CHAIN_PREROUTING: &str = "prerouting";
 pub const CHAIN_OUTPUT: &str = "output";
 pub const CHAIN_HANDOFF: &str = "handoff";
+pub const CHAIN_ESTABLISHED: &str = "established";
 /// NF_IP_PRI_MANGLE: before conntrack's NAT and before routing decisions are final.
 pub const PRIO_MANGLE: i32 = -150;
+/// Just after NF_IP_PRI_NAT_DST (-100): the `socket transparent` check must see a packet's
+/// addresses after any DNAT (kube-proxy's ClusterIP -> endpoint), because the socket etp
+/// accepted is keyed by the translated addresses. Routing happens after every prerouting hook,
+/// so a mark set here still decides the route.
+pub const PRIO_AFTER_DNAT: i32 = -99;
 /// Just before NF_IP_PRI_NAT_DST (-100), where kube-proxy's nat OUTPUT DNAT sits: only a
 /// connection's first NAT binding counts, so the hand-off redirect must run before a ClusterIP
 /// is translated to an endpoint, or the connection would skip Linkerd.
@@ -51,11 +57,6 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
     let bypass_rules = bypass_rules(&bypass, bypass_ports.as_deref());
 
     let mut pre = own_rules.to_vec();
-    pre.push(Rule {
-        matches: vec![Match::L4Proto(Proto::Tcp), Match::SocketTransparent],
-        verdict: Verdict::MarkAccept(k.tproxy_mark),
-        comment: "etp: packets of flows etp already accepted".to_string(),
-    });
     pre.extend(bypass_rules.iter().cloned());
 
     let mut out = own_rules.to_vec();
@@ -93,8 +94,15 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
                     proto: *proto,
                     set: ports.clone(),
                 });
+                let mut pre_matches = matches.clone();
+                if *proto == Proto::Tcp {
+                    // Only the SYN is TPROXY'd: later packets of the flow must find the socket
+                    // by their post-NAT addresses (chain `established`), which a tproxy lookup
+                    // here, before any DNAT, cannot.
+                    pre_matches.push(Match::TcpSyn);
+                }
                 pre.push(Rule {
-                    matches: matches.clone(),
+                    matches: pre_matches,
                     verdict: Verdict::Tproxy {
                         family: *family,
                         port: cfg.listener.port,
@@ -111,13 +119,26 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
         }
     }
 
-    let mut chains = vec![Chain {
-        name: CHAIN_PREROUTING.to_string(),
-        kind: ChainType::Filter,
-        hook: Hook::Prerouting,
-        priority: PRIO_MANGLE,
-        rules: pre,
-    }];
+    let mut chains = vec![
+        Chain {
+            name: CHAIN_PREROUTING.to_string(),
+            kind: ChainType::Filter,
+            hook: Hook::Prerouting,
+            priority: PRIO_MANGLE,
+            rules: pre,
+        },
+        Chain {
+            name: CHAIN_ESTABLISHED.to_string(),
+            kind: ChainType::Filter,
+            hook: Hook::Prerouting,
+            priority: PRIO_AFTER_DNAT,
+            rules: vec![Rule {
+                matches: vec![Match::L4Proto(Proto::Tcp), Match::SocketTransparent],
+                verdict: Verdict::MarkAccept(k.tproxy_mark),
+                comment: "etp: packets of flows etp already accepted".to_string(),
+            }],
+        },
+    ];
     if cfg.listener.local {
         chains.push(Chain {
             name: CHAIN_OUTPUT.to_string(),

@@ -106,11 +106,21 @@ fn sources_limit_families_and_rules_follow_config_order() {
     );
     assert_eq!(
         routed[0].to_string(),
-        "ip saddr @r0_first_src4 ip daddr @r0_first_dst4 tcp dport @r0_first_ports counter \
-         tproxy ip to :15001 meta mark set 0x00001000 accept comment \"etp route first: tcp -> direct\""
+        "ip saddr @r0_first_src4 ip daddr @r0_first_dst4 tcp dport @r0_first_ports \
+         tcp flags & (fin | syn | rst | ack) == syn counter tproxy ip to :15001 meta mark set 0x00001000 accept comment \"etp route first: tcp -> direct\""
     );
-    // Established transparent flows and own marks come before the bypass list and the routes.
-    assert!(pre.rules[2].matches.contains(&Match::SocketTransparent));
+    // Established transparent flows are recognised after NAT, in their own chain.
+    let est = d
+        .table
+        .chains
+        .iter()
+        .find(|c| c.name == CHAIN_ESTABLISHED)
+        .unwrap();
+    assert_eq!(est.priority, PRIO_AFTER_DNAT);
+    assert!(est.rules[0].matches.contains(&Match::SocketTransparent));
+    // UDP rules have no SYN test; TCP rules do.
+    assert!(!routed[1].matches.contains(&Match::TcpSyn));
+    assert!(routed[0].matches.contains(&Match::TcpSyn));
 }
 
 #[test]

@@ -53,6 +53,8 @@ pub struct LoadReport {
     pub udp_ok: u64,
     /// Queries that needed a second or third try.
     pub udp_retried: u64,
+    /// The first few of those: (query number, address, tries).
+    pub udp_retries: Vec<(u64, &'static str, u32)>,
     /// Queries unanswered after every try.
     pub udp_lost: u64,
     /// UDP sockets used (one per query): each is one flow for etp.
@@ -64,7 +66,7 @@ pub struct Load {
     progress: Arc<AtomicU64>,
     short: JoinHandle<(u64, u64, u64, Vec<String>)>,
     long: Vec<(&'static str, JoinHandle<Result<u64, String>>)>,
-    udp: JoinHandle<(u64, u64, u64, u64)>,
+    udp: JoinHandle<UdpTally>,
 }
 
 impl Load {
@@ -127,8 +129,9 @@ impl Load {
                 }
             }
         }
-        let (ok, retried, lost, sockets) = self.udp.join().expect("udp thread");
-        (r.udp_ok, r.udp_retried, r.udp_lost, r.udp_sockets) = (ok, retried, lost, sockets);
+        let u = self.udp.join().expect("udp thread");
+        (r.udp_ok, r.udp_retried, r.udp_lost, r.udp_sockets) = (u.ok, u.retried, u.lost, u.sockets);
+        r.udp_retries = u.retries;
         r
     }
 }
@@ -260,21 +263,35 @@ fn udp_once(addr: &str, i: u64) -> Option<u32> {
     None
 }
 
-fn udp_loop(stop: &AtomicBool, progress: &AtomicU64) -> (u64, u64, u64, u64) {
+#[derive(Default)]
+struct UdpTally {
+    ok: u64,
+    retried: u64,
+    lost: u64,
+    sockets: u64,
+    retries: Vec<(u64, &'static str, u32)>,
+}
+
+fn udp_loop(stop: &AtomicBool, progress: &AtomicU64) -> UdpTally {
     let (t0, mut i) = (Instant::now(), 0u64);
-    let (mut ok, mut retried, mut lost) = (0, 0, 0);
+    let mut u = UdpTally::default();
     while running(stop, t0, i) && i < UDP_MAX_QUERIES {
-        match udp_once(UDP[(i % UDP.len() as u64) as usize], i) {
-            Some(1) => ok += 1,
-            Some(_) => {
-                ok += 1;
-                retried += 1
+        let addr = UDP[(i % UDP.len() as u64) as usize];
+        match udp_once(addr, i) {
+            Some(1) => u.ok += 1,
+            Some(tries) => {
+                u.ok += 1;
+                u.retried += 1;
+                if u.retries.len() < 10 {
+                    u.retries.push((i, addr, tries));
+                }
             }
-            None => lost += 1,
+            None => u.lost += 1,
         }
         progress.fetch_add(1, Ordering::SeqCst);
         i += 1;
         std::thread::sleep(Duration::from_millis(5));
     }
-    (ok, retried, lost, i)
+    u.sockets = i;
+    u
 }

@@ -26,7 +26,7 @@ use nftnl::expr::{
 use nftnl::nftnl_sys as sys;
 use nftnl::{MsgType, NlMsg, ProtoFamily};
 
-use super::expr::{LookupSet, Payload, Redir, Tproxy};
+use super::expr::{Base, LookupSet, Payload, Redir, Tproxy};
 use super::wire;
 use crate::model::{self, Family, Match, SetElems, Table, Verdict};
 
@@ -38,6 +38,9 @@ const UDATA_INTERVAL_OPEN: [u8; 6] = [1, 4, 1, 0, 0, 0];
 
 /// `NF_CT_STATE_BIT(IP_CT_ESTABLISHED)`.
 const CT_STATE_ESTABLISHED: u32 = 0x2;
+/// TCP header flags byte: FIN|SYN|RST|ACK, and SYN alone.
+const TCP_FLAGS_FSRA: u8 = 0x17;
+const TCP_FLAG_SYN: u8 = 0x02;
 
 /// A model value that cannot be put into a netlink message.
 #[derive(Debug, thiserror::Error)]
@@ -698,6 +701,21 @@ fn add_exprs(
                 }
                 r.add_expr(&Payload::dport());
                 r.add_expr(&lookup(set)?);
+            }
+            Match::TcpSyn => {
+                if proto_done != Some(model::Proto::Tcp) {
+                    r.add_expr(&Meta::L4Proto);
+                    r.add_expr(&Cmp::new(CmpOp::Eq, model::Proto::Tcp.number()));
+                    proto_done = Some(model::Proto::Tcp);
+                }
+                // The flags byte is at offset 13 of the TCP header; FIN|SYN|RST|ACK = 0x17.
+                r.add_expr(&Payload {
+                    base: Base::Transport,
+                    offset: 13,
+                    len: 1,
+                });
+                r.add_expr(&Bitwise::new(TCP_FLAGS_FSRA, 0u8));
+                r.add_expr(&Cmp::new(CmpOp::Eq, TCP_FLAG_SYN));
             }
             Match::CtEstablished => {
                 // ct state is a bitmask; "established" tests its bit.

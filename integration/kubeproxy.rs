@@ -1,0 +1,94 @@
+//! etp beside a kube-proxy-like NAT table on the same node.
+//!
+//! kube-proxy translates a ClusterIP to an endpoint with DNAT in nat prerouting (priority -100)
+//! and nat output (-100). etp's tproxy rule runs earlier (mangle, -150), so the accepted socket's
+//! local address is already the endpoint; etp takes the original destination from conntrack
+//! (`SO_ORIGINAL_DST`) so that Linkerd is handed the ClusterIP. etp's hand-off redirect sits at
+//! nat output priority -110, before kube-proxy's output DNAT: only a connection's first NAT
+//! binding counts, and a DNAT first would send the hand-off past Linkerd.
+
+mod common;
+
+use common::topo::{curl, metric, standin_lines, start_etp, start_standin, stop_etp, topo};
+use common::TempFile;
+
+const CFG: &str = r#"
+[listener]
+port = 15001
+
+[[route]]
+name = "mesh"
+protocols = ["tcp"]
+destinations = ["10.96.0.0/12", "fd00:10:96::/112"]
+ports = [80, 8080]
+action = "linkerd"
+"#;
+
+/// ClusterIP 10.96.0.99:80 (and [fd00:10:96::63]:80) -> endpoint 10.96.0.10:8080, as kube-proxy's
+/// nftables mode programs it: one DNAT in prerouting, one in output, its own table.
+const KUBE_PROXY: &str = r#"
+table ip kube-proxy-test {
+	chain pre {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr 10.96.0.99 tcp dport 80 dnat to 10.96.0.10:8080
+	}
+	chain out {
+		type nat hook output priority -100; policy accept;
+		ip daddr 10.96.0.99 tcp dport 80 dnat to 10.96.0.10:8080
+	}
+}
+table ip6 kube-proxy-test {
+	chain pre {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip6 daddr fd00:10:96::63 tcp dport 80 dnat to [fd00:10:96::a]:8080
+	}
+	chain out {
+		type nat hook output priority -100; policy accept;
+		ip6 daddr fd00:10:96::63 tcp dport 80 dnat to [fd00:10:96::a]:8080
+	}
+}
+"#;
+
+#[test]
+fn linkerd_is_handed_the_cluster_ip_not_the_endpoint() {
+    require_root!();
+    let t = topo();
+    let rules = TempFile::new("kube-proxy.nft", KUBE_PROXY);
+    t.router.nft(&["-f", rules.as_str()]);
+    let log = TempFile::new("standin.log", "");
+    let _standin = start_standin(&t.router, &log);
+    let etp = start_etp(&t.router, CFG);
+
+    // The client talks to the ClusterIP; the answer comes from the endpoint behind it.
+    let body = curl(&t.client, "http://10.96.0.99/");
+    assert!(body.starts_with("hello from 10.96.0.10:8080"), "{body}");
+    let body = curl(&t.client, "http://[fd00:10:96::63]/");
+    assert!(
+        body.starts_with("hello from [fd00:10:96::a]:8080"),
+        "{body}"
+    );
+
+    let m = stop_etp(etp);
+    let lines = standin_lines(&log);
+    assert_eq!(
+        lines.len(),
+        2,
+        "both connections reached Linkerd: {lines:?}"
+    );
+    assert!(lines[0].starts_with("orig_dst=10.96.0.99:80 "), "{lines:?}");
+    assert!(
+        lines[1].starts_with("orig_dst=[fd00:10:96::63]:80 "),
+        "{lines:?}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etp_flows_total{route="mesh",action="linkerd",proto="tcp"}"#
+        ),
+        2,
+        "{m}"
+    );
+    // kube-proxy's own table is untouched by etp.
+    let listed = t.router.nft(&["list", "table", "ip", "kube-proxy-test"]);
+    assert!(listed.contains("dnat to 10.96.0.10:8080"), "{listed}");
+}
