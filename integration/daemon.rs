@@ -479,7 +479,11 @@ fn outside_changes_are_repaired_at_the_next_resync() {
         "repair not counted"
     );
     let log = etp.log_text();
-    assert!(log.contains("drift found drift=missing rule"), "{log}");
+    assert!(
+        log.contains("drift found drift=missing ip rule: fwmark 0x1000/0x3000 lookup 15001"),
+        "{log}"
+    );
+    assert_eq!(log.matches("drift repaired").count(), 2, "{log}");
     let (_, rules, _) = kernel_state(&t);
     assert_eq!(rules, 2);
     assert_eq!(kit_ok(&t.client, &["echo", "10.96.0.20:7001", "y"]), "y");

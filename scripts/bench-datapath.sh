@@ -158,7 +158,7 @@ remove_ruleset() {
 cat >"$WORK/haproxy.cfg" <<EOF
 global
   nbthread 2
-  maxconn 8000
+  maxconn 7000  # with splice-auto HAProxy also reserves maxconn/4 pipes: fds stay under 20000
 defaults
   mode tcp
   timeout connect 5s
@@ -244,6 +244,11 @@ stop_row() {
   for pid in $(ip netns pids "$R"); do kill "$pid" 2>/dev/null || true; done  # the stand-in
   sleep 0.3
   remove_ruleset
+  # The interceptor closed its client legs first, so their TIME-WAIT remnants stay in the router
+  # for 60 s. Early demux attaches such a remnant to a new forwarded SYN with the same 4-tuple and
+  # ip_forward drops it: a routing row after an intercepting row would lose every connection whose
+  # client port is reused. Destroy them (SOCK_DESTROY) so every row starts clean.
+  nsx "$R" ss -K state time-wait >/dev/null 2>&1 || true
 }
 
 TCK=$(getconf CLK_TCK)

@@ -19,6 +19,8 @@ const FAILURE: u8 = 1;
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    // SIGHUP's default action kills; until the daemon's handler is in, ignore it.
+    daemon::ignore_early_hangups();
     let cli = match Cli::try_parse_from(normalize_args(std::env::args_os())) {
         Ok(c) => c,
         Err(e) => {
@@ -37,6 +39,15 @@ fn main() -> ExitCode {
     let cfg = match (&command, source.load()) {
         (_, Ok(c)) => Some(c),
         (Command::Cleanup, Err(_)) => None,
+        // An operator asks for status or a reload exactly when the file was just broken: reach
+        // the daemon at the default admin address and pid file rather than refuse.
+        (Command::Status | Command::Reload, Err(e)) => {
+            eprintln!(
+                "etp: warning: {}; using the default admin address and pid file",
+                telemetry::chain(&e)
+            );
+            Some(Config::parse("", "<defaults>").expect("an empty config is valid"))
+        }
         (_, Err(e)) => {
             eprintln!("etp: {}", telemetry::chain(&e));
             return ExitCode::from(USAGE);

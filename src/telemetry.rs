@@ -25,7 +25,9 @@ pub fn init(verbosity: u8, format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new(format!("etp={}", level_for(verbosity))));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // No colour escapes into journald, files or pipes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
