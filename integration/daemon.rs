@@ -675,3 +675,65 @@ fn sighup_burst_during_startup_is_harmless() {
     );
     stop_etp(etp);
 }
+
+#[test]
+fn fail_closed_refuses_intercepted_traffic_while_etp_is_down() {
+    require_root!();
+    let t = topo();
+    let opts = Opts {
+        fail_closed: true,
+        ..Opts::default()
+    };
+    let mut etp = start_etp_with(&t.router, &cfg_a(), opts.clone());
+    let body = curl(&t.client, "http://10.96.0.20:8080/");
+    assert!(body.contains(" to 10.10.2.1:"), "intercepted: {body}");
+
+    // SIGKILL: the tproxy rules find no socket, and the fail-closed rules after them drop.
+    let killed = etp.proc.kill_output();
+    assert!(!killed.status.success());
+    let out = t.client.try_exec(
+        "curl",
+        &["-sS", "--max-time", "2", "http://10.96.0.20:8080/"],
+    );
+    assert!(
+        !out.status.success(),
+        "a route's traffic must not pass while etp is down"
+    );
+    // Traffic no route selects still passes (the server's own address).
+    let body = curl(&t.client, "http://10.10.2.2:8080/");
+    assert!(
+        body.contains(" to 10.10.1.2:"),
+        "unrouted traffic is untouched: {body}"
+    );
+    let listed = t
+        .router
+        .nft(&["list", "chain", "inet", "etp", "prerouting"]);
+    assert!(listed.contains("(fail-closed)"), "{listed}");
+    drop(etp);
+
+    // A clean SIGTERM with fail_closed keeps the table in place too.
+    let mut etp = start_etp_with(&t.router, &cfg_a(), opts);
+    let body = curl(&t.client, "http://10.96.0.20:8080/");
+    assert!(body.contains(" to 10.10.2.1:"), "intercepted again: {body}");
+    let (status, _) = etp.terminate();
+    assert!(status.success());
+    let (table, rules, _) = kernel_state(&t);
+    assert!(
+        table && rules == 2,
+        "fail_closed keeps etp's kernel state on shutdown"
+    );
+    let out = t.client.try_exec(
+        "curl",
+        &["-sS", "--max-time", "2", "http://10.96.0.20:8080/"],
+    );
+    assert!(!out.status.success(), "still refused after a clean stop");
+    let o = t
+        .router
+        .try_exec(common::etp_bin().to_str().unwrap(), &["cleanup"]);
+    assert!(o.status.success());
+    let body = curl(&t.client, "http://10.96.0.20:8080/");
+    assert!(
+        body.contains(" to 10.10.1.2:"),
+        "direct after cleanup: {body}"
+    );
+}

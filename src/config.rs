@@ -14,7 +14,7 @@ use ipnetwork::IpNetwork;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::{FwMark, PortRange, Proto, TableId, COMMENT_MAX};
+use crate::model::{FwMark, PortRange, Proto, TableId, COMMENT_MAX, COMMENT_SUFFIX_LONGEST};
 
 /// Where etp looks for its config when `-c` is not given.
 pub const DEFAULT_PATH: &str = "/etc/etp/etp.toml";
@@ -840,7 +840,8 @@ impl RawRoute {
             preserve_source,
         };
         for proto in &route.protocols {
-            let c = route.comment(*proto);
+            // The longest variant the planner writes: the drain table's local rule.
+            let c = format!("{}{COMMENT_SUFFIX_LONGEST}", route.comment(*proto));
             if c.len() > COMMENT_MAX {
                 return Err(cx.err(
                     name_span.clone(),

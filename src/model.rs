@@ -261,6 +261,8 @@ pub enum Verdict {
     SetMark(FwMark),
     /// `redirect to :PORT`
     Redirect { port: u16 },
+    /// `drop` (fail-closed: what the tproxy rule before it did not take while etp is down)
+    Drop,
 }
 
 /// A rule: matches, a counter, a verdict and a comment naming what it serves.
@@ -274,6 +276,9 @@ pub struct Rule {
 
 /// Longest rule comment nft stores (NFTNL_UDATA_COMMENT_MAXLEN, including the NUL).
 pub const COMMENT_MAX: usize = 127;
+/// The longest suffix the planner appends to a route's comment (`plan_drain` on a local rule;
+/// `" (fail-closed)"` is shorter); config validation keeps room for it.
+pub const COMMENT_SUFFIX_LONGEST: &str = " (local) (drain)";
 
 /// etp's one table (`table inet etp`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,6 +343,7 @@ impl fmt::Display for Verdict {
             ),
             Verdict::SetMark(m) => write!(f, "meta mark set {m}"),
             Verdict::Redirect { port } => write!(f, "redirect to :{port}"),
+            Verdict::Drop => f.write_str("drop"),
         }
     }
 }

@@ -102,7 +102,7 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
                     pre_matches.push(Match::TcpSyn);
                 }
                 pre.push(Rule {
-                    matches: pre_matches,
+                    matches: pre_matches.clone(),
                     verdict: Verdict::Tproxy {
                         family: *family,
                         port: cfg.listener.port,
@@ -110,6 +110,15 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
                     },
                     comment: r.comment(*proto),
                 });
+                if cfg.daemon.fail_closed {
+                    // A tproxy statement that finds no socket (etp is down) does not match and
+                    // evaluation goes on: this rule then drops what the route selects.
+                    pre.push(Rule {
+                        matches: pre_matches.clone(),
+                        verdict: Verdict::Drop,
+                        comment: format!("{} (fail-closed)", r.comment(*proto)),
+                    });
+                }
                 out.push(Rule {
                     matches,
                     verdict: Verdict::SetMark(k.tproxy_mark),
@@ -214,7 +223,7 @@ pub fn plan_drain(cfg: &Config) -> Desired {
         match chain.name.as_str() {
             CHAIN_PREROUTING => chain
                 .rules
-                .retain(|r| !matches!(r.verdict, Verdict::Tproxy { .. })),
+                .retain(|r| !matches!(r.verdict, Verdict::Tproxy { .. } | Verdict::Drop)),
             CHAIN_OUTPUT => {
                 for rule in &mut chain.rules {
                     if matches!(rule.verdict, Verdict::SetMark(_)) {

@@ -179,3 +179,27 @@ fn drain_table_keeps_established_flows_and_drops_tproxy() {
     assert_eq!(drain.ip_rules, full.ip_rules);
     assert!(full.to_string().contains("tproxy"));
 }
+
+#[test]
+fn fail_closed_drops_after_each_tproxy_rule_and_not_in_the_drain_table() {
+    let cfg = parse(
+        "[daemon]\nfail_closed = true\n[[route]]\nname = \"a\"\nprotocols = [\"tcp\", \"udp\"]\n\
+         destinations = [\"10.0.0.0/8\"]\nports = [80]\naction = \"direct\"\n",
+    );
+    let d = plan(&cfg);
+    let pre = &d.table.chains[0].rules;
+    let n = pre.len();
+    // tcp tproxy, tcp drop, udp tproxy, udp drop: each drop right after its tproxy rule.
+    assert!(matches!(pre[n - 4].verdict, Verdict::Tproxy { .. }));
+    assert_eq!(pre[n - 3].verdict, Verdict::Drop);
+    assert_eq!(pre[n - 3].matches, pre[n - 4].matches);
+    assert_eq!(
+        pre[n - 3].comment,
+        "etp route a: tcp -> direct (fail-closed)"
+    );
+    assert!(pre[n - 1]
+        .to_string()
+        .starts_with("ip daddr @r0_a_dst4 udp dport @r0_a_ports counter drop"));
+    assert!(!plan_drain(&cfg).to_string().contains(" drop "));
+    assert!(!plan(&parse("")).to_string().contains(" drop "));
+}

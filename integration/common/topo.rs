@@ -126,6 +126,8 @@ pub struct Opts {
     pub args: Vec<String>,
     /// `RUST_LOG` for etp (`None`: unset, so `-v` decides).
     pub rust_log: Option<String>,
+    /// `[daemon] fail_closed`.
+    pub fail_closed: bool,
 }
 
 impl Default for Opts {
@@ -135,6 +137,7 @@ impl Default for Opts {
             resync_seconds: 30,
             args: ["run", "-c", "CFG"].map(String::from).to_vec(),
             rust_log: Some("etp=debug".to_string()),
+            fail_closed: false,
         }
     }
 }
@@ -223,10 +226,11 @@ impl Etp {
     pub fn config_text(&self, body: &str) -> String {
         format!(
             "{body}\n[admin]\naddress = \"{ADMIN}\"\n\n[daemon]\npid_file = \"{}\"\n\
-             drain_seconds = {}\nresync_seconds = {}\n",
+             drain_seconds = {}\nresync_seconds = {}\nfail_closed = {}\n",
             self.pid_file.display(),
             self.opts.drain_seconds,
-            self.opts.resync_seconds
+            self.opts.resync_seconds,
+            self.opts.fail_closed
         )
     }
 

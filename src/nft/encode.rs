@@ -739,6 +739,7 @@ fn add_exprs(
     };
     match &rule.verdict {
         Verdict::Return => r.add_expr(&NVerdict::Return),
+        Verdict::Drop => r.add_expr(&NVerdict::Drop),
         Verdict::MarkAccept(m) => {
             set_mark(r, *m);
             r.add_expr(&NVerdict::Accept);
