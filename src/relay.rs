@@ -7,13 +7,15 @@
 //!   whole flow (both legs) and are reported as [`End::Reset`], not as errors. A reset from one
 //!   side is passed on as a reset (SO_LINGER 0) to the other.
 //! - An idle timeout ends a flow in which neither direction moved a byte for that long.
-//! - Bytes move with splice(2), socket -> pipe -> socket, without entering user space: one
-//!   pipe per direction (two descriptors), created on the first readable event, so idle
-//!   connections hold none. Measured on a 2-core VM with iperf3 through the router namespace:
-//!   splice 7-13 Gb/s with ~1 s CPU per 5 s, the buffered copy 6-10 Gb/s with 2-3 s CPU.
-//! - The buffered copy remains as the fallback (no pipe available: EMFILE) and for comparison
-//!   (`ETP_RELAY=copy`): no allocation per read, one buffer per direction allocated on the first
-//!   readable event and grown 8 KiB -> 64 KiB -> 256 KiB while reads keep filling it.
+//! - `[limits] relay` picks how bytes move (BENCHMARKS.md has the measurements):
+//!   - `adaptive` (default): each direction starts with the buffered copy and moves to splice(2)
+//!     once its reads keep filling the buffer. Request/response traffic never pays for pipes
+//!     (splice's per-call cost hurt keep-alive p99 and two pipes per flow hurt the connection
+//!     rate); bulk transfers get splice's throughput at half the CPU.
+//!   - `splice`: socket -> pipe -> socket from the first byte, one pipe per direction.
+//!   - `copy`: always through user space: no allocation per read, one buffer per direction
+//!     allocated on the first readable event and grown 8 KiB -> 64 KiB -> 256 KiB while reads
+//!     keep filling it. Also the fallback when no pipe can be made (EMFILE).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,12 +24,15 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
+use crate::config::RelayMode;
 use crate::sys;
 
 const BUF_START: usize = 8 * 1024;
 const BUF_MAX: usize = 256 * 1024;
 /// Consecutive full reads before the buffer grows.
 const GROW_AFTER: u32 = 4;
+/// Consecutive full reads of the first buffer after which `adaptive` switches to splice.
+const SPLICE_AFTER: u32 = 4;
 
 /// How a relayed flow ended.
 #[derive(Debug)]
@@ -88,6 +93,7 @@ pub async fn relay(
     upstream: &TcpStream,
     idle: Duration,
     counters: &Counters,
+    mode: RelayMode,
 ) -> Outcome {
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved, shared by both directions.
@@ -111,10 +117,10 @@ pub async fn relay(
             last: &last,
             start,
         };
-        if use_splice() {
-            tokio::try_join!(pump_splice(a), pump_splice(b))
-        } else {
-            tokio::try_join!(pump(a), pump(b))
+        match mode {
+            RelayMode::Splice => tokio::try_join!(pump_splice(a), pump_splice(b)),
+            RelayMode::Copy => tokio::try_join!(pump(a, false), pump(b, false)),
+            RelayMode::Adaptive => tokio::try_join!(pump(a, true), pump(b, true)),
         }
     };
     let idle_watch = async {
@@ -167,8 +173,9 @@ impl Dir<'_> {
     }
 }
 
-/// Copies `from` -> `to` until EOF (then shuts down `to`'s write side) or an error.
-async fn pump(d: Dir<'_>) -> io::Result<()> {
+/// Copies `from` -> `to` until EOF (then shuts down `to`'s write side) or an error. With
+/// `to_splice`, hands the direction to [`pump_splice`] once reads keep filling the buffer.
+async fn pump(d: Dir<'_>, to_splice: bool) -> io::Result<()> {
     let (from, to) = (d.from, d.to);
     let mut buf: Vec<u8> = Vec::new();
     let mut full_reads = 0u32;
@@ -191,6 +198,14 @@ async fn pump(d: Dir<'_>) -> io::Result<()> {
         }
         write_all(to, &buf[..n]).await?;
         d.moved(n);
+        if to_splice && n == buf.len() {
+            full_reads += 1;
+            if full_reads >= SPLICE_AFTER {
+                // Everything read so far is written: the pipe starts empty.
+                return Box::pin(pump_splice(d)).await;
+            }
+            continue;
+        }
         if n == buf.len() && buf.len() < BUF_MAX {
             full_reads += 1;
             if full_reads >= GROW_AFTER {
@@ -201,12 +216,6 @@ async fn pump(d: Dir<'_>) -> io::Result<()> {
             full_reads = 0;
         }
     }
-}
-
-/// splice(2) unless `ETP_RELAY=copy` (kept for benchmark comparisons).
-fn use_splice() -> bool {
-    static SPLICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SPLICE.get_or_init(|| std::env::var("ETP_RELAY").map_or(true, |v| v != "copy"))
 }
 
 /// Pipe size for splice: one pipe per direction, allocated on the first readable event.
@@ -228,7 +237,7 @@ async fn pump_splice(d: Dir<'_>) -> io::Result<()> {
             None => match sys::Pipe::new(PIPE_SIZE) {
                 Ok(p) => pipe.insert(p),
                 // Out of descriptors: copy through user space instead (nothing read yet).
-                Err(_) => return pump(d).await,
+                Err(_) => return pump(d, false).await,
             },
         };
         let n = match from.try_io(Interest::READABLE, || p.fill(from.as_fd(), PIPE_SIZE)) {
@@ -290,7 +299,14 @@ mod tests {
         let (u_near, mut server) = pair(&l).await;
         let counters = Counters::default();
         let relay = tokio::spawn(async move {
-            relay(&c_far, &u_near, Duration::from_secs(10), &counters).await
+            relay(
+                &c_far,
+                &u_near,
+                Duration::from_secs(10),
+                &counters,
+                RelayMode::Adaptive,
+            )
+            .await
         });
         client.write_all(b"question").await.unwrap();
         client.shutdown().await.unwrap();
@@ -320,6 +336,7 @@ mod tests {
                 &u_near,
                 Duration::from_millis(200),
                 &Counters::default(),
+                RelayMode::Adaptive,
             ),
         )
         .await
@@ -327,15 +344,23 @@ mod tests {
         assert!(matches!(out.end, End::Idle), "{}", out.end);
     }
 
+    /// 5 MB through each mode: `adaptive` starts copying and switches to splice mid-stream.
     #[tokio::test]
     async fn bulk_bytes_arrive_in_order_and_are_counted() {
+        for mode in [RelayMode::Adaptive, RelayMode::Copy, RelayMode::Splice] {
+            bulk(mode).await;
+        }
+    }
+
+    async fn bulk(mode: RelayMode) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (mut client, c_far) = pair(&l).await;
         let (u_near, mut server) = pair(&l).await;
         let counters = Counters::default();
         let c2 = counters.clone();
-        let relay =
-            tokio::spawn(async move { relay(&c_far, &u_near, Duration::from_secs(10), &c2).await });
+        let relay = tokio::spawn(async move {
+            relay(&c_far, &u_near, Duration::from_secs(10), &c2, mode).await
+        });
         let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         let sent = data.clone();
         let w = tokio::spawn(async move {
@@ -347,14 +372,18 @@ mod tests {
         server.read_to_end(&mut got).await.unwrap();
         assert!(
             got == data,
-            "bytes differ (len {} vs {})",
+            "{mode:?}: bytes differ (len {} vs {})",
             got.len(),
             data.len()
         );
         drop(server);
         drop(w.await.unwrap());
         let out = relay.await.unwrap();
-        assert_eq!(out.client_to_upstream, data.len() as u64);
-        assert_eq!(counters.client_to_upstream.get(), data.len() as u64);
+        assert_eq!(out.client_to_upstream, data.len() as u64, "{mode:?}");
+        assert_eq!(
+            counters.client_to_upstream.get(),
+            data.len() as u64,
+            "{mode:?}"
+        );
     }
 }

@@ -144,7 +144,14 @@ async fn handle(
         client_to_upstream: bytes(Direction::ClientToUpstream),
         upstream_to_client: bytes(Direction::UpstreamToClient),
     };
-    let out = relay::relay(&client, &upstream, rt.limits.tcp_idle_timeout, &counters).await;
+    let out = relay::relay(
+        &client,
+        &upstream,
+        rt.limits.tcp_idle_timeout,
+        &counters,
+        rt.limits.relay,
+    )
+    .await;
     let duration_ms = start.elapsed().as_millis() as u64;
     match &out.end {
         End::Error(e) => info!(client = %c, orig_dst = %d, route = %plan.route,
