@@ -353,7 +353,7 @@ measure_row() { # one round of one row; $1 = 1 on the last round (adds the idle-
   if [ -n "$IPID" ]; then
     # Packets the `socket transparent 1` rule steered to accepted sockets: 0 would mean the
     # interceptor was bypassed (fail-open) and the row measured routing.
-    put tproxied_pkts "$(nsx "$R" nft list chain inet etp prerouting | awk '/socket transparent 1/ { for (i = 1; i < NF; i++) if ($i == "packets" && $(i + 1) ~ /^[0-9]+$/) { print $(i + 1); exit } }')"
+    put tproxied_pkts "$(nsx "$R" nft list chain inet etp established | awk '/socket transparent 1/ { for (i = 1; i < NF; i++) if ($i == "packets" && $(i + 1) ~ /^[0-9]+$/) { print $(i + 1); exit } }')"
   fi
   stop_row
 }
