@@ -737,3 +737,72 @@ fn fail_closed_refuses_intercepted_traffic_while_etp_is_down() {
         "direct after cleanup: {body}"
     );
 }
+
+/// Out of file descriptors: accept backs off (no spinning), the failures are counted and logged,
+/// etp stays up, and once descriptors free up new connections are served again.
+#[test]
+fn fd_exhaustion_backs_off_and_recovers() {
+    require_root!();
+    let t = topo();
+    let etp = start_etp(&t.router, &cfg_a());
+    // Lower the running daemon's descriptor limit (soft and hard) to a few flows' worth.
+    let pid = etp.pid().to_string();
+    common::run(std::process::Command::new("prlimit").args(["--pid", &pid, "--nofile=48:48"]));
+
+    // 80 connections held open through a `direct` route: far more than 48 descriptors allow.
+    let held: Vec<std::io::Result<TcpStream>> = in_netns(&t.client.name, || {
+        let addr: SocketAddr = "10.96.0.20:7001".parse().unwrap();
+        (0..80)
+            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+            .collect()
+    })
+    .join()
+    .expect("connect thread");
+    let exhausted = wait_for(Duration::from_secs(10), || {
+        let m = etp.metrics();
+        let errors = metric(&m, "etp_accept_errors_total")
+            + common::topo::sum(&m, "etp_upstream_errors_total");
+        (errors > 0).then_some(errors)
+    });
+    assert!(
+        exhausted.is_some(),
+        "no descriptor errors counted:\n{}",
+        etp.log_text()
+    );
+    let log = etp.log_text();
+    assert!(
+        log.contains("out of file descriptors") || log.contains("Too many open files"),
+        "the exhaustion is logged: {log}"
+    );
+    // Back-off, not a busy loop: etp's CPU time stays small while the backlog waits.
+    let cpu = |pid: &str| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = cpu(&pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu(&pid) - before;
+    assert!(
+        spent < 100,
+        "etp spun for {spent} ticks in 2 s while out of descriptors"
+    );
+
+    drop(held);
+    // Descriptors free up: a new connection is served through etp again.
+    let ok = wait_for(Duration::from_secs(20), || {
+        let out = t.client.try_exec(
+            "curl",
+            &["-sS", "--max-time", "3", "http://10.96.0.20:8080/"],
+        );
+        let body = String::from_utf8_lossy(&out.stdout).to_string();
+        body.contains(" to 10.10.2.1:").then_some(body)
+    });
+    assert!(ok.is_some(), "etp did not recover:\n{}", etp.log_text());
+    assert!(etp.get("/live").0 == 200, "etp is alive");
+}

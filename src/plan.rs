@@ -5,7 +5,7 @@
 //! and address family it has destinations for.
 
 use crate::classify::{AddrSets, Classifier, PortSet, Selector};
-use crate::config::{Config, ROUTE_PROTOCOL};
+use crate::config::{Action, Config, ROUTE_PROTOCOL};
 use crate::model::{
     Chain, ChainType, Desired, Family, FwMark, Hook, IpRule, LocalRoute, Match, Proto, Rule, Set,
     SetElems, Table, Verdict,
@@ -157,28 +157,33 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
             rules: out,
         });
     }
-    chains.push(Chain {
-        name: CHAIN_HANDOFF.to_string(),
-        kind: ChainType::Nat,
-        hook: Hook::Output,
-        priority: PRIO_HANDOFF,
-        rules: vec![Rule {
-            matches: vec![
-                Match::Mark {
-                    mask: k.mark_mask,
-                    value: k.handoff_mark,
+    // A nat chain turns on connection tracking for the whole namespace: only when a route
+    // hands flows to Linkerd does etp need one.
+    let handoff = cfg.routes.iter().any(|r| r.action == Action::Linkerd);
+    if handoff {
+        chains.push(Chain {
+            name: CHAIN_HANDOFF.to_string(),
+            kind: ChainType::Nat,
+            hook: Hook::Output,
+            priority: PRIO_HANDOFF,
+            rules: vec![Rule {
+                matches: vec![
+                    Match::Mark {
+                        mask: k.mark_mask,
+                        value: k.handoff_mark,
+                    },
+                    Match::L4Proto(Proto::Tcp),
+                ],
+                verdict: Verdict::Redirect {
+                    port: cfg.linkerd.outbound_port,
                 },
-                Match::L4Proto(Proto::Tcp),
-            ],
-            verdict: Verdict::Redirect {
-                port: cfg.linkerd.outbound_port,
-            },
-            comment: format!(
-                "etp: hand-off to the linkerd proxy's outbound port {}",
-                cfg.linkerd.outbound_port
-            ),
-        }],
-    });
+                comment: format!(
+                    "etp: hand-off to the linkerd proxy's outbound port {}",
+                    cfg.linkerd.outbound_port
+                ),
+            }],
+        });
+    }
 
     let families: &[Family] = if cfg.listener.ipv6 {
         &[Family::V4, Family::V6]

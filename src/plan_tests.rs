@@ -146,7 +146,13 @@ fn sets_are_merged_and_deduplicated() {
 
 #[test]
 fn handoff_redirects_to_the_configured_outbound_port() {
+    // No linkerd route, no nat chain (a nat chain would turn conntrack on for nothing).
     let d = plan(&parse("[linkerd]\noutbound_port = 4999\n"));
+    assert!(d.table.chains.iter().all(|c| c.name != CHAIN_HANDOFF));
+    let d = plan(&parse(
+        "[linkerd]\noutbound_port = 4999\n[[route]]\nname = \"a\"\nprotocols = [\"tcp\"]\n\
+         destinations = [\"10.0.0.0/8\"]\nports = [80]\naction = \"linkerd\"\n",
+    ));
     let h = d
         .table
         .chains
