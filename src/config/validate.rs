@@ -1,269 +1,24 @@
-//! TOML -> validated [`Config`].
-//!
-//! Every value is checked here, before anything touches the kernel. Errors name the file, the
-//! line and the key, and say what is wrong (`etp.toml:14: route[0].ports: ...`).
+//! The raw TOML shape (serde, with spans) and its validation into [`Config`]: every check
+//! that refuses a config lives here, each error pointing at the file, line and key.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::*;
 use crate::model::{FwMark, PortRange, Proto, TableId, COMMENT_MAX, COMMENT_SUFFIX_LONGEST};
-
-/// Where etp looks for its config when `-c` is not given.
-pub const DEFAULT_PATH: &str = "/etc/etp/etp.toml";
-/// The embedded default config (the demo runs on it).
-pub const EMBEDDED_DEFAULT: &str = include_str!("../deploy/etp.default.toml");
-
-pub const DEFAULT_PORT: u16 = 15001;
-pub const DEFAULT_OUTBOUND_PORT: u16 = 4140;
-pub const DEFAULT_PROXY_UID: u32 = 2102;
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:15002";
-/// Marks live in bits 12-13, clear of kube-proxy (0x4000, 0x8000), Calico (0xffff0000),
-/// Cilium (0x0f00) and Istio (0x111, 0x539).
-pub const DEFAULT_MARK_MASK: u32 = 0x3000;
-pub const DEFAULT_TPROXY_MARK: u32 = 0x1000;
-pub const DEFAULT_OWN_MARK: u32 = 0x2000;
-pub const DEFAULT_HANDOFF_MARK: u32 = 0x3000;
-/// Outside Calico's default route table range (1-250) and the kernel's reserved ids.
-pub const DEFAULT_ROUTE_TABLE: u32 = 15001;
-/// Before the `main` table's rule (32766).
-pub const DEFAULT_RULE_PRIORITY: u32 = 30100;
-/// The rtnetlink protocol number that tags etp's ip rules and routes.
-pub const ROUTE_PROTOCOL: u8 = 231;
-pub const DEFAULT_DRAIN_SECONDS: u64 = 20;
-pub const DEFAULT_RESYNC_SECONDS: u64 = 30;
-pub const DEFAULT_PID_FILE: &str = "/run/etp/etp.pid";
-pub const DEFAULT_MAX_TCP_FLOWS: usize = 65536;
-pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
-pub const DEFAULT_TCP_IDLE_SECONDS: u64 = 3600;
-pub const DEFAULT_UDP_IDLE_SECONDS: u64 = 30;
-pub const DEFAULT_MAX_UDP_FLOWS: usize = 16384;
-pub const DEFAULT_UDP_QUEUE: usize = 128;
-
-/// A validated configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    /// Where it came from (a path or `<embedded default>`), for messages.
-    pub source: String,
-    pub listener: Listener,
-    pub linkerd: Linkerd,
-    pub admin: Admin,
-    pub bypass: Bypass,
-    pub kernel: Kernel,
-    pub daemon: Daemon,
-    pub limits: Limits,
-    pub routes: Vec<Route>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Listener {
-    pub port: u16,
-    pub ipv6: bool,
-    pub local: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Linkerd {
-    pub outbound_port: u16,
-    pub proxy_uid: u32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Admin {
-    pub address: SocketAddr,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Bypass {
-    pub destinations: Vec<IpNetwork>,
-    pub ports: Vec<PortRange>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Kernel {
-    pub mark_mask: FwMark,
-    pub tproxy_mark: FwMark,
-    pub own_mark: FwMark,
-    pub handoff_mark: FwMark,
-    pub route_table: TableId,
-    pub rule_priority: u32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Daemon {
-    pub drain_timeout: Duration,
-    pub resync_interval: Duration,
-    pub pid_file: PathBuf,
-    /// Keep the ruleset in place on shutdown so that intercepted traffic is refused while etp is
-    /// down (fail-closed); the default removes it so traffic flows directly (fail-open).
-    pub fail_closed: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    pub max_tcp_flows: usize,
-    pub connect_timeout: Duration,
-    pub tcp_idle_timeout: Duration,
-    pub udp_idle_timeout: Duration,
-    pub max_udp_flows: usize,
-    pub udp_queue: usize,
-    /// How TCP bytes are moved (`limits.relay`).
-    pub relay: RelayMode,
-}
-
-/// How the TCP relay moves bytes (`[limits] relay`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RelayMode {
-    /// Buffered copy first; splice(2) once a direction keeps filling its buffer (bulk).
-    #[default]
-    Adaptive,
-    /// Always the buffered copy through user space.
-    Copy,
-    /// Always splice(2) through a pipe per direction.
-    Splice,
-}
-
-/// What happens to a flow a route selects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Hand the TCP flow to the Linkerd proxy's outbound listener, original destination intact.
-    Linkerd,
-    /// Connect to the original destination.
-    Direct,
-    /// Connect to a fixed address.
-    Forward(SocketAddr),
-}
-
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Action::Linkerd => f.write_str("linkerd"),
-            Action::Direct => f.write_str("direct"),
-            Action::Forward(a) => write!(f, "forward {a}"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Route {
-    pub name: String,
-    pub protocols: Vec<Proto>,
-    pub destinations: Vec<IpNetwork>,
-    pub ports: Vec<PortRange>,
-    pub sources: Vec<IpNetwork>,
-    pub action: Action,
-    /// `direct` only: connect upstream from the client's own address (transparent bind).
-    pub preserve_source: bool,
-}
-
-impl Route {
-    /// The comment on this route's rules; `nft list ruleset` shows it.
-    pub fn comment(&self, proto: Proto) -> String {
-        format!("etp route {}: {} -> {}", self.name, proto, self.action)
-    }
-}
-
-/// A config that cannot be used; `Display` gives `FILE:LINE: KEY: PROBLEM`.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading config {path}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{file}:{line}: {key}: {msg}")]
-    Invalid {
-        file: String,
-        line: usize,
-        key: String,
-        msg: String,
-    },
-}
-
-impl Config {
-    /// Loads and validates the file at `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Config::parse(&text, &path.display().to_string())
-    }
-
-    /// The embedded default config.
-    pub fn embedded() -> Config {
-        Config::parse(EMBEDDED_DEFAULT, "<embedded default>")
-            .expect("the embedded default config is valid (unit-tested)")
-    }
-
-    /// Parses and validates `text`; `source` names it in errors.
-    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
-        let cx = Cx { text, file: source };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| cx.line(s.start)).unwrap_or(0);
-            let msg = e.message().trim().to_string();
-            ConfigError::Invalid {
-                file: source.to_string(),
-                line,
-                key: key_from_message(&msg),
-                msg,
-            }
-        })?;
-        raw.validate(&cx)
-    }
-}
-
-/// serde's messages for unknown keys name the key; everything else is "toml".
-fn key_from_message(msg: &str) -> String {
-    msg.split('`')
-        .nth(1)
-        .filter(|_| msg.starts_with("unknown field"))
-        .unwrap_or("toml")
-        .to_string()
-}
-
-struct Cx<'a> {
-    text: &'a str,
-    file: &'a str,
-}
-
-impl Cx<'_> {
-    fn line(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())]
-            .bytes()
-            .filter(|&b| b == b'\n')
-            .count()
-            + 1
-    }
-
-    fn err(
-        &self,
-        span: Range<usize>,
-        key: impl Into<String>,
-        msg: impl Into<String>,
-    ) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.file.to_string(),
-            line: self.line(span.start),
-            key: key.into(),
-            msg: msg.into(),
-        }
-    }
-}
 
 type S<T> = Spanned<T>;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
+pub(super) struct RawConfig {
     #[serde(default)]
     listener: RawListener,
     #[serde(default)]
@@ -363,7 +118,7 @@ enum RawPort {
 }
 
 impl RawConfig {
-    fn validate(self, cx: &Cx<'_>) -> Result<Config, ConfigError> {
+    pub(super) fn validate(self, cx: &Cx<'_>) -> Result<Config, ConfigError> {
         let port = int(
             cx,
             self.listener.port,
@@ -972,7 +727,3 @@ fn parse_port(p: &RawPort) -> Result<PortRange, String> {
         }
     }
 }
-
-#[cfg(test)]
-#[path = "config_tests.rs"]
-mod tests;

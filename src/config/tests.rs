@@ -23,7 +23,7 @@ fn embedded_and_example_configs_are_valid() {
     let d = Config::embedded();
     assert_eq!(d.listener.port, DEFAULT_PORT);
     assert_eq!(d.routes.len(), 2);
-    let ex = Config::parse(include_str!("../deploy/etp.example.toml"), "example").unwrap();
+    let ex = Config::parse(include_str!("../../deploy/etp.example.toml"), "example").unwrap();
     assert_eq!(ex.routes.len(), 3);
     assert_eq!(
         ex.routes[2].action,
