@@ -464,3 +464,31 @@ fn drain_deadline_closes_open_flows() {
         "{log}"
     );
 }
+
+/// `limits.max_udp_flows` bounds the UDP flow table: a new flow beyond it evicts the oldest,
+/// every query is still answered (a new flow starts for the evicted client if it sends again),
+/// and the evictions are counted.
+#[test]
+fn udp_flow_limit_evicts_the_oldest_and_keeps_answering() {
+    require_root!();
+    let t = topo();
+    let body = cfg(false).replace(
+        "connect_timeout_ms = 1000",
+        "connect_timeout_ms = 1000\nmax_udp_flows = 2\nudp_idle_seconds = 30",
+    );
+    let etp = start_etp(&t.router, &body);
+    // Each dig uses a fresh source port: 5 flows through a table of 2.
+    for _ in 0..5 {
+        assert_eq!(dig(&t.client, "10.96.0.10"), "10.1.2.3");
+    }
+    let m = stop_etp(etp);
+    assert!(metric(&m, "etp_udp_evictions_total") >= 3, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"etp_flows_total{route="udp",action="direct",proto="udp"}"#
+        ),
+        5,
+        "{m}"
+    );
+}
