@@ -806,3 +806,51 @@ fn fd_exhaustion_backs_off_and_recovers() {
     assert!(ok.is_some(), "etp did not recover:\n{}", etp.log_text());
     assert!(etp.get("/live").0 == 200, "etp is alive");
 }
+
+/// A reload that changes the TPROXY port binds the new listeners before the ruleset points at
+/// them, releases the old ones, and an established flow keeps working across the move.
+#[test]
+fn reload_to_a_new_port_moves_listeners_and_keeps_flows() {
+    require_root!();
+    let t = topo();
+    let etp = start_etp(&t.router, &cfg_a());
+    let mut held = connect_in(&t.client.name, "10.96.0.20:7001");
+    echo_on(&mut held, b"before the move");
+
+    etp.write_config(
+        &BASE
+            .replace("PORT", "15011")
+            .replace("BYPASS", r#"["10.96.0.22/32"]"#),
+    );
+    hup(&etp);
+    let moved = wait_for(Duration::from_secs(10), || {
+        (reloads(&etp.metrics(), "ok") >= 1).then_some(())
+    });
+    assert!(moved.is_some(), "reload not applied:\n{}", etp.log_text());
+    let listening = t.router.exec("ss", &["-Hltn"]);
+    assert!(listening.contains(":15011"), "{listening}");
+    assert!(
+        !listening.contains(":15001 "),
+        "old listener released: {listening}"
+    );
+    let rules = t
+        .router
+        .nft(&["list", "chain", "inet", "etp", "prerouting"]);
+    assert!(
+        rules.contains("tproxy ip to :15011") && !rules.contains(":15001"),
+        "{rules}"
+    );
+
+    echo_on(
+        &mut held,
+        b"after the move: the established flow still works",
+    );
+    let body = curl(&t.client, "http://10.96.0.20:8080/");
+    assert!(
+        body.contains(" to 10.10.2.1:"),
+        "new flows go through the new port: {body}"
+    );
+    drop(held);
+    let m = stop_etp(etp);
+    assert_eq!(flows(&m, "direct", "direct", "tcp"), 2, "{m}");
+}
