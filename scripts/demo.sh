@@ -97,5 +97,6 @@ step "stopping etp (SIGTERM): the table, rules and routes go away"
 pid=$(nsx "$N" cat /run/etp/etp.pid 2>/dev/null || true)
 [ -n "$pid" ] && kill -TERM "$pid"
 for _ in $(seq 1 100); do grep -q "etp stopped" "$WORK/etp.log" && break; sleep 0.1; done
-nsx "$N" nft list ruleset | grep -c . | xargs echo "ruleset lines left:"
+left=$(nsx "$N" nft list ruleset | wc -l)
+echo "ruleset lines left in $N: $left; ip rules for table 15001: $(nsx "$N" ip rule | grep -c 'lookup 15001' || true)"
 echo "demo done; tearing down"
