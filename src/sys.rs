@@ -315,4 +315,23 @@ mod tests {
         assert!(r.truncated, "5 bytes into a 3-byte buffer");
         assert_eq!(&buf, b"hel");
     }
+
+    /// The listener's TCP_NODELAY and keepalive settings carry over to accepted sockets, so
+    /// the accept path sets them once on the listener instead of per connection.
+    #[test]
+    fn accepted_sockets_inherit_tcp_tuning() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        tcp_tuning(socket2::SockRef::from(&l)).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let a = socket2::SockRef::from(&a);
+        assert!(a.tcp_nodelay().unwrap());
+        assert!(a.keepalive().unwrap());
+        assert_eq!(a.tcp_keepalive_time().unwrap(), Duration::from_secs(180));
+        assert_eq!(
+            a.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(180)
+        );
+        assert_eq!(a.tcp_keepalive_retries().unwrap(), 9);
+    }
 }

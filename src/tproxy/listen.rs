@@ -21,7 +21,7 @@ const UDP_RCVBUF: usize = 4 << 20;
 /// A listener that could not be created; startup stops with this message.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error("creating the {proto} socket for {addr}: {source}")]
+    #[error("creating the {proto} socket for {addr}")]
     Socket {
         proto: &'static str,
         addr: SocketAddr,
@@ -29,7 +29,7 @@ pub enum ListenError {
         source: io::Error,
     },
     #[error(
-        "setting {option} on the {proto} listener {addr}: {source} \
+        "setting {option} on the {proto} listener {addr} \
          (etp needs CAP_NET_ADMIN or CAP_NET_RAW for transparent sockets)"
     )]
     Transparent {
@@ -39,7 +39,7 @@ pub enum ListenError {
         #[source]
         source: io::Error,
     },
-    #[error("setting {option} on the {proto} listener {addr}: {source}")]
+    #[error("setting {option} on the {proto} listener {addr}")]
     Option {
         option: &'static str,
         proto: &'static str,
@@ -47,7 +47,7 @@ pub enum ListenError {
         #[source]
         source: io::Error,
     },
-    #[error("binding the {proto} listener to {addr}: {source}{hint}")]
+    #[error("binding the {proto} listener to {addr}{hint}")]
     Bind {
         proto: &'static str,
         addr: SocketAddr,
@@ -55,13 +55,13 @@ pub enum ListenError {
         #[source]
         source: io::Error,
     },
-    #[error("listening on {addr}: {source}")]
+    #[error("listening on {addr}")]
     Listen {
         addr: SocketAddr,
         #[source]
         source: io::Error,
     },
-    #[error("registering the {proto} listener {addr} with tokio (outside a runtime?): {source}")]
+    #[error("registering the {proto} listener {addr} with tokio (outside a runtime?)")]
     Register {
         proto: &'static str,
         addr: SocketAddr,
@@ -189,6 +189,14 @@ fn transparent_socket(
 
 fn tcp(addr: SocketAddr) -> Result<TcpListener, ListenError> {
     let sock = transparent_socket(addr, Type::STREAM, "tcp")?;
+    // Accepted sockets inherit TCP_NODELAY and the keepalive settings from the listener
+    // (`sys::tests::accepted_sockets_inherit_tcp_tuning`): set once here, not per connection.
+    sys::tcp_tuning(socket2::SockRef::from(&sock)).map_err(|source| ListenError::Option {
+        option: "TCP_NODELAY/SO_KEEPALIVE",
+        proto: "tcp",
+        addr,
+        source,
+    })?;
     sock.listen(BACKLOG)
         .map_err(|source| ListenError::Listen { addr, source })?;
     TcpListener::from_std(sock.into()).map_err(|source| ListenError::Register {

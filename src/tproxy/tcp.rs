@@ -108,7 +108,7 @@ async fn handle(
     let active = Active(Gauge::clone(&metrics.flows_active.get_or_create(&labels)));
     active.0.inc();
     debug!(client = %c, orig_dst = %d, route = %plan.route, action = %plan.action, "accepted");
-    let _ = sys::tcp_tuning((&client).into());
+    // The client leg inherited TCP_NODELAY and keepalive from the listener (listen.rs).
 
     let upstream = match connect_tcp(&plan, c, rt.limits.connect_timeout).await {
         Ok(u) => u,
