@@ -11,8 +11,8 @@
 //! `preserve_source` (direct, TCP only): the upstream socket is made transparent and bound to the
 //! client's IP (a kernel-chosen port), so the server sees the client's address. This works only
 //! where the server's replies to the client's address are routed back through this node (this
-//! node is the client's router or gateway, no NAT between); there the ruleset's
-//! `socket transparent 1` rule delivers them to etp's socket. Anywhere else the server answers
+//! node is the client's router or gateway, no NAT between); there the `socket transparent 1`
+//! rule in the ruleset's `established` chain delivers them to etp's socket. Anywhere else the server answers
 //! the client directly and the connection never completes. UDP flows ignore it.
 
 use std::io;
