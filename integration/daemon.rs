@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::load::{Load, LoadReport};
 use common::topo::{
     curl, dig, in_netns, kit_ok, metric, spawn_etp, standin_lines, start_etp, start_etp_with,
-    start_standin, stop_etp, topo, Etp, Opts,
+    start_standin, stop_etp, topo, Etp, Opts, Topo,
 };
 use common::{wait_for, TempFile};
 
@@ -795,7 +795,13 @@ fn fd_exhaustion_backs_off_and_recovers() {
 
     drop(held);
     // Descriptors free up: a new connection is served through etp again.
-    let ok = wait_for(Duration::from_secs(20), || {
+    assert_recovers(&t, &etp, Duration::from_secs(20));
+    assert!(etp.get("/live").0 == 200, "etp is alive");
+}
+
+/// Waits (up to `within`) until a new intercepted connection is served through etp again.
+fn assert_recovers(t: &Topo, etp: &Etp, within: Duration) {
+    let ok = wait_for(within, || {
         let out = t.client.try_exec(
             "curl",
             &["-sS", "--max-time", "3", "http://10.96.0.20:8080/"],
@@ -804,7 +810,58 @@ fn fd_exhaustion_backs_off_and_recovers() {
         body.contains(" to 10.10.2.1:").then_some(body)
     });
     assert!(ok.is_some(), "etp did not recover:\n{}", etp.log_text());
-    assert!(etp.get("/live").0 == 200, "etp is alive");
+}
+
+/// At the descriptor limit, with no flow churning descriptors, the admin endpoint still
+/// answers (a liveness probe must not restart etp and kill its flows): it spends the one
+/// descriptor it keeps in reserve, and keeps doing so request after request.
+#[test]
+fn admin_answers_at_the_descriptor_limit() {
+    require_root!();
+    let t = topo();
+    let etp = start_etp(&t.router, &cfg_a());
+    assert_eq!(etp.get("/live").0, 200);
+    let pid = etp.pid().to_string();
+    // Exactly as many descriptors as are open now: the next accept(2) fails with EMFILE.
+    // (Counted once the count is steady: the probe's own connection closes asynchronously.)
+    let count = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let open = wait_for(Duration::from_secs(5), || {
+        let a = count();
+        std::thread::sleep(Duration::from_millis(200));
+        (count() == a).then_some(a)
+    })
+    .expect("a steady descriptor count");
+    // Only the soft limit moves (raising a hard limit again needs CAP_SYS_RESOURCE).
+    let limit = format!("--nofile={open}:");
+    common::run(std::process::Command::new("prlimit").args(["--pid", &pid, &limit]));
+    // A data-path connection now fails for want of descriptors, which proves the limit bites.
+    let out = t.client.try_exec(
+        "curl",
+        &["-sS", "--max-time", "2", "http://10.96.0.20:8080/"],
+    );
+    assert!(!out.status.success(), "no descriptor was free for a flow");
+    assert!(
+        etp.log_text().contains("out of file descriptors"),
+        "the data path saw EMFILE: {}",
+        etp.log_text()
+    );
+    for path in ["/live", "/ready", "/metrics", "/live", "/status"] {
+        let (code, body) = etp.get(path);
+        assert_eq!(code, 200, "GET {path} at the descriptor limit: {body}");
+    }
+    let log = etp.log_text();
+    assert!(
+        log.contains("using the reserved one"),
+        "the admin accept hit the limit and used its reserve: {log}"
+    );
+    // Descriptors back: the data path recovers.
+    let limit = format!("--nofile={}:", open + 64);
+    common::run(std::process::Command::new("prlimit").args(["--pid", &pid, &limit]));
+    assert_recovers(&t, &etp, Duration::from_secs(10));
 }
 
 /// A reload that changes the TPROXY port binds the new listeners before the ruleset points at

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use crate::fdlimit::{self, Spare};
 use crate::metrics::Metrics;
 
 const MAX_REQUEST: usize = 8 * 1024;
@@ -61,14 +62,25 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
 }
 
 /// Serves until the task is dropped.
+///
+/// At the descriptor limit the endpoint still answers: it keeps one descriptor in reserve
+/// ([`Spare`]), spends it on the connection that found the process out of descriptors, and
+/// takes it back when that connection closes. Probes and scrapes go on while the data path
+/// backs off.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let spare = Arc::new(Spare::new());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
+            Err(e) if fdlimit::is_exhaustion(&e) && spare.release() => {
+                warn!(error = %e, "admin accept: out of file descriptors; using the reserved one");
+                continue;
+            }
             Err(e) => {
                 warn!(error = %e, "admin accept failed; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                spare.restore();
                 continue;
             }
         };
@@ -77,6 +89,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             continue;
         };
         let state = state.clone();
+        let spare = Arc::clone(&spare);
         tokio::spawn(async move {
             let _permit = permit;
             if tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &state))
@@ -85,6 +98,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             {
                 debug!(%peer, "admin request timed out");
             }
+            // The connection's descriptor is closed by now: take it back into reserve.
+            spare.restore();
         });
     }
 }

@@ -11,12 +11,14 @@
 //! - `tproxy`   transparent TCP/UDP listeners and their flows [edge]
 //! - `relay`    TCP byte copying, half-close, idle timeout
 //! - `daemon`   start order, reload, drain, resync; `admin` metrics and health
+//! - `fdlimit`  back-off and a reserved descriptor for when the process runs out of fds
 
 pub mod admin;
 pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fdlimit;
 pub mod kernel;
 pub mod metrics;
 pub mod model;

@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::classify::Classifier;
 use crate::config::{self, Config};
+use crate::fdlimit::Pressure;
 use crate::metrics::Metrics;
 
 pub use listen::{ListenError, Listeners};
@@ -125,6 +126,8 @@ pub struct Dataplane {
     pub(crate) flows: Arc<Flows>,
     /// `limits.max_tcp_flows` permits, sized from the runtime at construction.
     pub(crate) tcp_slots: Arc<Semaphore>,
+    /// Back-off shared by the accept loops and flows after descriptor exhaustion.
+    pub(crate) pressure: Arc<Pressure>,
 }
 
 impl Dataplane {
@@ -135,6 +138,7 @@ impl Dataplane {
             metrics,
             flows: Arc::new(Flows::new()),
             tcp_slots: Arc::new(Semaphore::new(max)),
+            pressure: Arc::default(),
         }
     }
 

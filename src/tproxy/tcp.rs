@@ -3,9 +3,8 @@
 //! Under TPROXY the accepted socket's local address *is* the client's original destination
 //! (`SO_ORIGINAL_DST` fails here, which is normal: no NAT happened).
 
-use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,26 +13,20 @@ use tracing::{debug, info, warn};
 
 use super::upstream::{connect_tcp, plan_flow};
 use super::{ClientAddr, Dataplane, OrigDst, Runtime};
+use crate::fdlimit::{self, Pressure};
 use crate::metrics::{ByteLabels, Direction, ErrorKind, ErrorLabels, FlowLabels, Metrics};
 use crate::model::Proto;
 use crate::relay::{self, Counters, End};
 use crate::sys;
 
-/// Accept back-off on resource exhaustion: doubles from the first to the last value.
-const BACKOFF_FIRST: Duration = Duration::from_millis(10);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// Accept errors that mean "out of descriptors or memory": retrying at once would spin.
-fn is_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
 pub(super) async fn accept_loop(dp: &Dataplane, listener: TcpListener) {
-    let mut backoff = Duration::ZERO;
     loop {
+        // Out of descriptors (here or in a flow's upstream socket): leave new connections in
+        // the backlog for a while instead of accepting them only to reset them.
+        if let Some(wait) = dp.pressure.wait_left() {
+            tokio::time::sleep(wait).await;
+            continue;
+        }
         // Taking the slot before accepting leaves connections beyond the limit in the kernel's
         // backlog instead of accepting and dropping them.
         let permit = Arc::clone(&dp.tcp_slots)
@@ -41,17 +34,13 @@ pub(super) async fn accept_loop(dp: &Dataplane, listener: TcpListener) {
             .await
             .expect("the flow semaphore is never closed");
         let (stream, peer) = match listener.accept().await {
-            Ok(x) => {
-                backoff = Duration::ZERO;
-                x
-            }
+            Ok(x) => x,
             Err(e) => {
                 dp.metrics.accept_errors_total.inc();
-                if is_exhaustion(&e) {
-                    backoff = (backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
+                if fdlimit::is_exhaustion(&e) {
+                    let backoff = dp.pressure.hit();
                     warn!(error = %e, backoff_ms = backoff.as_millis() as u64,
                         "accept: out of file descriptors or memory, backing off");
-                    tokio::time::sleep(backoff).await;
                 } else {
                     debug!(error = %e, "accept failed");
                 }
@@ -70,11 +59,12 @@ pub(super) async fn accept_loop(dp: &Dataplane, listener: TcpListener) {
         let cancelled = dp.flows.cancelled();
         let rt = dp.current();
         let metrics = Arc::clone(&dp.metrics);
+        let pressure = Arc::clone(&dp.pressure);
         tokio::spawn(async move {
             let _permit = permit;
             let _guard = guard;
             tokio::select! {
-                _ = handle(rt, metrics, stream, client, orig) => {}
+                _ = handle(rt, metrics, &pressure, stream, client, orig) => {}
                 _ = cancelled => debug!(%client, orig_dst = %orig, "closed by drain deadline"),
             }
         });
@@ -93,6 +83,7 @@ impl Drop for Active {
 async fn handle(
     rt: Arc<Runtime>,
     metrics: Arc<Metrics>,
+    pressure: &Pressure,
     client: TcpStream,
     c: ClientAddr,
     d: OrigDst,
@@ -111,8 +102,17 @@ async fn handle(
     // The client leg inherited TCP_NODELAY and keepalive from the listener (listen.rs).
 
     let upstream = match connect_tcp(&plan, c, rt.limits.connect_timeout).await {
-        Ok(u) => u,
+        Ok(u) => {
+            pressure.clear();
+            u
+        }
         Err(e) => {
+            if fdlimit::is_exhaustion(&e) {
+                let backoff = pressure.hit();
+                warn!(client = %c, orig_dst = %d, error = %e,
+                    backoff_ms = backoff.as_millis() as u64,
+                    "upstream socket: out of file descriptors or memory, accepts back off");
+            }
             let kind = ErrorKind::of(&e);
             metrics
                 .upstream_errors_total
