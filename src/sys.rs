@@ -72,9 +72,15 @@ pub fn set_mark(sock: &Socket, mark: u32) -> io::Result<()> {
     sock.set_mark(mark)
 }
 
-/// Keepalive as ztunnel sets it: first probe after 180 s idle, then every 180 s, 9 probes.
+/// TCP_NODELAY and keepalive ([`set_keepalive`]): what both legs of a relayed flow carry.
 pub fn tcp_tuning(sock: socket2::SockRef<'_>) -> io::Result<()> {
     sock.set_tcp_nodelay(true)?;
+    set_keepalive(sock)
+}
+
+/// Keepalive as ztunnel sets it: first probe after 180 s idle, then every 180 s, 9 probes
+/// (four setsockopt calls: SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT).
+pub fn set_keepalive(sock: socket2::SockRef<'_>) -> io::Result<()> {
     let ka = TcpKeepalive::new()
         .with_time(Duration::from_secs(180))
         .with_interval(Duration::from_secs(180))

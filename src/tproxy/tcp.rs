@@ -99,7 +99,8 @@ async fn handle(
     let active = Active(Gauge::clone(&metrics.flows_active.get_or_create(&labels)));
     active.0.inc();
     debug!(client = %c, orig_dst = %d, route = %plan.route, action = %plan.action, "accepted");
-    // The client leg inherited TCP_NODELAY and keepalive from the listener (listen.rs).
+    // The client leg inherited TCP_NODELAY and keepalive from the listener (listen.rs); the
+    // upstream leg gets TCP_NODELAY at connect and keepalive from the relay.
 
     let upstream = match connect_tcp(&plan, c, rt.limits.connect_timeout).await {
         Ok(u) => {
@@ -129,7 +130,6 @@ async fn handle(
             return;
         }
     };
-    let _ = sys::tcp_tuning((&upstream).into());
     debug!(client = %c, orig_dst = %d, upstream = %plan.target,
         local = %upstream.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         mark = %format_args!("{:#x}", plan.mark), "upstream connected");

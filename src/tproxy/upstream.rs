@@ -94,17 +94,20 @@ pub async fn connect_tcp(
     client: ClientAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
+    // Non-blocking from socket(2) on (SOCK_NONBLOCK): two fcntl calls fewer per flow.
     let sock = Socket::new(
         Domain::for_address(plan.target),
-        Type::STREAM,
+        Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
     sys::set_mark(&sock, plan.mark)?;
+    // Latency matters from the first byte; keepalive is armed by the relay once the flow has
+    // lived a while (`relay::KEEPALIVE_ARM_AFTER`).
+    sock.set_tcp_nodelay(true)?;
     if plan.bind_client {
         sys::set_transparent(&sock, plan.target.is_ipv6())?;
         sock.bind(&SocketAddr::new(client.0.ip(), 0).into())?;
     }
-    sock.set_nonblocking(true)?;
     let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
     match tokio::time::timeout(timeout, sock.connect(plan.target)).await {
         Ok(r) => r,
@@ -119,11 +122,10 @@ pub async fn connect_tcp(
 pub fn udp_upstream(target: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let sock = Socket::new(
         Domain::for_address(target),
-        Type::DGRAM,
+        Type::DGRAM.nonblocking(),
         Some(Protocol::UDP),
     )?;
     sys::set_mark(&sock, mark)?;
-    sock.set_nonblocking(true)?;
     let any: IpAddr = if target.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
