@@ -4,6 +4,7 @@
 #   routing         no interception: the router only forwards (the limit on this machine)
 #   etp             `etp run`, route action `direct`, `[limits] relay = "adaptive"` (the default:
 #                   buffered copy, splice(2) once a direction moves bulk data)
+#   etp-2t          the same with `[limits] worker_threads = 2` (the default here is 1: half the CPUs)
 #   etp-splice      the same with `relay = "splice"` (splice from the first byte)
 #   etp-copy        the same with `relay = "copy"` (always the buffered copy)
 #   haproxy         HAProxy, `bind ... transparent`, `server orig 0.0.0.0` (= original destination)
@@ -32,7 +33,7 @@ set -euo pipefail
 ETP=$(realpath "${1:-target/release/etp}")
 EX="$(dirname "$ETP")/examples"
 SECS=${BENCH_SECS:-5}
-ROWS=${BENCH_ROWS:-routing etp etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd}
+ROWS=${BENCH_ROWS:-routing etp etp-2t etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd}
 CONNS=${BENCH_CONNS:-1000}
 ROUNDS=${BENCH_ROUNDS:-3}
 PHASES=" ${BENCH_PHASES:-tcp1 tcp4 ka close sys udp idle} "
@@ -115,7 +116,7 @@ waitfor 100 listening "$S" -lun 53 || { echo "bench: dnsmasq did not start"; exi
 printf 'bench.test A\n' >"$WORK/queries"
 
 # ---- interceptors ---------------------------------------------------------------------------
-etp_cfg() { # $1 = tcp action, $2 = relay mode
+etp_cfg() { # $1 = tcp action, $2 = relay mode, $3 = worker threads (0 = etp's default)
   cat <<EOF
 [listener]
 port = 15001
@@ -129,6 +130,7 @@ drain_seconds = 1
 [limits]
 max_tcp_flows = 20000
 relay = "${2:-adaptive}"
+worker_threads = ${3:-0}
 [bypass]
 destinations = []
 ports = []
@@ -150,6 +152,7 @@ etp_cfg direct >"$WORK/etp-direct.toml"
 etp_cfg direct splice >"$WORK/etp-splice.toml"
 etp_cfg direct copy >"$WORK/etp-copy.toml"
 etp_cfg linkerd >"$WORK/etp-linkerd.toml"
+etp_cfg direct adaptive 2 >"$WORK/etp-2t.toml"
 
 # The kernel side for the peers: exactly what etp installs for the same config.
 install_ruleset() {
@@ -216,12 +219,12 @@ start_row() { # $1 = row; sets IPID (main pid) and PIDS (all processes measured)
   IPID=""
   case $1 in
     routing) return 0 ;;
-    etp|etp-splice|etp-copy|etp-1t)
-      local cfg="$WORK/etp-direct.toml" threads=""
+    etp|etp-splice|etp-copy|etp-2t)
+      local cfg="$WORK/etp-direct.toml"
       [ "$1" = etp-splice ] && cfg="$WORK/etp-splice.toml"
       [ "$1" = etp-copy ] && cfg="$WORK/etp-copy.toml"
-      [ "$1" = etp-1t ] && threads=1
-      ip netns exec "$R" env RUST_LOG=etp=info ${threads:+TOKIO_WORKER_THREADS=$threads} "$ETP" run -c "$cfg" >"$WORK/$1.log" 2>&1 &
+      [ "$1" = etp-2t ] && cfg="$WORK/etp-2t.toml"
+      ip netns exec "$R" env RUST_LOG=etp=info "$ETP" run -c "$cfg" >"$WORK/$1.log" 2>&1 &
       IPID=$! ;;
     etp-linkerd)
       ip netns exec "$R" setpriv --reuid=2102 --regid=2102 --clear-groups "$EX/linkerd-standin" --log /dev/null \

@@ -288,6 +288,16 @@ impl Daemon {
         };
         // Publish the new routes before the kernel sends flows under them.
         let old_runtime = self.runtime_tx.send_replace(Arc::new(Runtime::new(&cfg)));
+        // Sized at start (the runtime's threads, the flow semaphore): say so instead of
+        // silently keeping the old value.
+        let (old, new) = (&old_runtime.limits, &cfg.limits);
+        if old.worker_threads != new.worker_threads || old.max_tcp_flows != new.max_tcp_flows {
+            warn!(
+                worker_threads = new.worker_threads,
+                max_tcp_flows = new.max_tcp_flows,
+                "limits.worker_threads and limits.max_tcp_flows take effect at the next restart"
+            );
+        }
         match self.kernel.apply(&desired, None).await {
             Ok(applied) => {
                 self.generation = applied.generation;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 use clap::Parser;
-use tracing::warn;
+use tracing::{info, warn};
 
 use etp::cli::{normalize_args, Cli, Command};
 use etp::config::{Config, DEFAULT_PATH};
@@ -87,17 +87,23 @@ fn config_path(flag: Option<&Path>) -> Option<PathBuf> {
     }
 }
 
-fn runtime(multi: bool) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = if multi {
-        tokio::runtime::Builder::new_multi_thread()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
+/// `Some(n)`: a multi-thread runtime with `n` workers (even with one, so that the daemon's
+/// blocking netlink exchanges can `block_in_place` without stalling the data path);
+/// `None`: a current-thread runtime for one-shot commands.
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = match workers {
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_current_thread(),
     };
     b.enable_all().build().context("starting the tokio runtime")
 }
 
 fn one_shot(fut: impl std::future::Future<Output = anyhow::Result<u8>>) -> anyhow::Result<u8> {
-    runtime(false)?.block_on(fut)
+    runtime(None)?.block_on(fut)
 }
 
 fn run(source: Source) -> anyhow::Result<u8> {
@@ -107,7 +113,14 @@ fn run(source: Source) -> anyhow::Result<u8> {
             "no config file; running on the embedded default config"
         );
     }
-    match runtime(true)?.block_on(daemon::run(source)) {
+    // The thread count comes from the config; a config that does not load is reported by
+    // `daemon::run` itself, with its file, line and key.
+    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = source
+        .load()
+        .map_or(1, |c| c.limits.worker_threads_auto(available));
+    info!(threads, available_cpus = available, "data-path runtime");
+    match runtime(Some(threads))?.block_on(daemon::run(source)) {
         Ok(()) => Ok(OK),
         Err(DaemonError::Config(e)) => {
             eprintln!("etp: {}", telemetry::chain(&e));

@@ -113,6 +113,23 @@ pub struct Limits {
     pub udp_queue: usize,
     /// How TCP bytes are moved (`limits.relay`).
     pub relay: RelayMode,
+    /// Threads of the data path's runtime (`limits.worker_threads`); 0 picks
+    /// [`Limits::worker_threads_auto`]. Read at start only.
+    pub worker_threads: usize,
+}
+
+impl Limits {
+    /// The number of runtime threads etp starts with: `worker_threads`, or with 0 half the
+    /// CPUs this process may use (cgroup quota and affinity included), at least one. etp
+    /// shares the node with the workloads and the Linkerd proxy whose traffic it relays; on
+    /// the 2-CPU benchmark machine one thread gave a lower p99 and a higher rate than two
+    /// (BENCHMARKS.md).
+    pub fn worker_threads_auto(&self, available: usize) -> usize {
+        match self.worker_threads {
+            0 => (available / 2).max(1),
+            n => n,
+        }
+    }
 }
 
 /// How the TCP relay moves bytes (`[limits] relay`).

@@ -172,3 +172,24 @@ fn load_reports_a_missing_file_by_path() {
         "{full}"
     );
 }
+
+#[test]
+fn worker_threads_default_to_half_the_cpus_and_are_bounded() {
+    let d = Config::embedded();
+    assert_eq!(d.limits.worker_threads, 0, "auto by default");
+    assert_eq!(d.limits.worker_threads_auto(1), 1);
+    assert_eq!(d.limits.worker_threads_auto(2), 1);
+    assert_eq!(d.limits.worker_threads_auto(16), 8);
+    let set = Config::parse(
+        &format!("[limits]\nworker_threads = 3\n{GOOD_ROUTE}"),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        set.limits.worker_threads_auto(64),
+        3,
+        "an explicit count wins"
+    );
+    let got = err(&format!("[limits]\nworker_threads = -1\n{GOOD_ROUTE}"));
+    assert!(got.starts_with("t.toml:2: limits.worker_threads:"), "{got}");
+}

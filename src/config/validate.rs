@@ -95,6 +95,7 @@ struct RawLimits {
     max_udp_flows: Option<S<i64>>,
     udp_queue: Option<S<i64>>,
     relay: Option<S<String>>,
+    worker_threads: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -270,6 +271,8 @@ impl RawConfig {
                 1,
                 65536,
             )? as usize,
+            worker_threads: int(cx, l.worker_threads, "limits.worker_threads", 0, 0, 1024)?
+                as usize,
             relay: match l.relay {
                 None => RelayMode::Adaptive,
                 Some(r) => match r.get_ref().as_str() {
