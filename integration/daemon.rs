@@ -422,12 +422,81 @@ fn sigkill_fails_open_and_a_restart_recovers() {
     eprintln!("SIGKILL/restart: generation {g1} -> {g2}");
 }
 
+/// With change notifications (the default), drift is repaired as soon as the kernel reports it,
+/// long before the resync tick (an hour here), and changes to other tables cost nothing.
+#[test]
+fn notified_changes_are_repaired_at_once() {
+    require_root!();
+    let t = topo();
+    let opts = Opts {
+        resync_seconds: 3600,
+        ..Opts::default()
+    };
+    let etp = start_etp_with(&t.router, &cfg_a(), opts);
+    let repairs = |etp: &Etp| metric(&etp.metrics(), "etp_drift_repairs_total");
+    let notified = |etp: &Etp| etp.log_text().matches("kernel change notified").count();
+    assert_eq!(repairs(&etp), 0);
+    // Let the notifications of etp's own start-up commit pass.
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Another program's table and chain: not etp's business, no check.
+    let before = notified(&etp);
+    t.router.nft(&["add", "table", "ip", "other"]);
+    t.router
+        .sh("nft add chain ip other c '{ type filter hook input priority 0 ; }'");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        notified(&etp),
+        before,
+        "a foreign table's changes were taken for etp's"
+    );
+
+    let outside = [
+        ("nft", "flush table inet etp"),
+        ("nft", "delete table inet etp"),
+        ("ip", "-6 rule del priority 30100 fwmark 0x1000/0x3000"),
+        ("ip", "-4 route del local 0.0.0.0/0 dev lo table 15001"),
+    ];
+    for (done, (tool, line)) in outside.into_iter().enumerate() {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        match tool {
+            "nft" => t.router.nft(&args),
+            _ => t.router.ip(&args),
+        };
+        let expected = done as u64 + 1;
+        let repaired = wait_for(Duration::from_secs(10), || {
+            (repairs(&etp) >= expected).then_some(())
+        });
+        assert!(
+            repaired.is_some(),
+            "{tool} {line} not repaired without a resync tick:\n{}",
+            etp.log_text()
+        );
+        assert!(
+            wait_in_sync(&etp, Duration::from_secs(5)),
+            "{}",
+            text(&etp.cli(&["audit"]))
+        );
+        // Intercepting again.
+        assert_eq!(kit_ok(&t.client, &["echo", "10.96.0.20:7001", "z"]), "z");
+    }
+    let log = etp.log_text();
+    assert!(
+        log.contains("drift found drift=missing ip rule: fwmark 0x1000/0x3000 lookup 15001"),
+        "{log}"
+    );
+    assert!(!log.contains("notifications lost"), "{log}");
+    drop(etp);
+}
+
 #[test]
 fn outside_changes_are_repaired_at_the_next_resync() {
     require_root!();
     let t = topo();
+    // Notifications off: this is the resync tick's test.
     let opts = Opts {
         resync_seconds: 1,
+        watch_kernel: false,
         ..Opts::default()
     };
     let etp = start_etp_with(&t.router, &cfg_a(), opts);

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError};
-use crate::kernel::{Kernel, KernelError};
+use crate::kernel::{Change, Kernel, KernelError, Monitor};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::model::Desired;
 use crate::plan;
@@ -114,12 +114,25 @@ impl Serving {
     }
 }
 
+/// How long after a change notification the drift check runs.
+const NOTIFY_SETTLE: Duration = Duration::from_millis(100);
+
+/// Sleeps until `at`; never resolves for `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Everything the running daemon holds.
 struct Daemon {
     source: Source,
     cfg: Config,
     desired: Desired,
     kernel: Kernel,
+    /// Notifications of changes to etp's table, rules and routes (immediate drift repair).
+    monitor: Monitor,
     /// The generation id after etp's own last commit; a different one means someone else
     /// committed (maybe to another table) and an audit is due.
     generation: u32,
@@ -194,7 +207,16 @@ pub async fn run(source: Source) -> Result<(), DaemonError> {
         "etp started"
     );
 
+    let (monitor, failed) = if cfg.daemon.watch_kernel {
+        Monitor::open(cfg.kernel.route_table)
+    } else {
+        (Monitor::none(), Vec::new())
+    };
+    for error in failed {
+        warn!(%error, "change notifications unavailable: drift is repaired at the resync tick only");
+    }
     let mut d = Daemon {
+        monitor,
         source,
         generation: applied.generation,
         cfg,
@@ -220,8 +242,24 @@ impl Daemon {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await; // the first tick is immediate; the ruleset was just applied
         let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+        // A change notification schedules a resync shortly after, so that one transaction's
+        // burst of notifications (or an agent's few quick commits) costs one check.
+        let mut repair_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
+                change = self.monitor.changed() => match change {
+                    Change::Lost { .. } => warn!(%change, "drift is repaired at the resync tick only"),
+                    change => {
+                        // etp's own commits are notified too; the check after them finds the
+                        // generation id unchanged and costs two small routing dumps.
+                        debug!(%change, "kernel change notified; checking for drift");
+                        repair_at.get_or_insert_with(|| tokio::time::Instant::now() + NOTIFY_SETTLE);
+                    }
+                },
+                _ = sleep_until_some(repair_at) => {
+                    repair_at = None;
+                    self.resync().await;
+                }
                 _ = signals.hup.recv() => {
                     // Signals that arrive while a reload runs are coalesced by the stream into
                     // one more wake-up: a burst yields at most two reloads.
@@ -326,6 +364,7 @@ impl Daemon {
             old.stop().await;
             info!(port = cfg.listener.port, "listeners moved to the new port");
         }
+        self.monitor.set_route_table(cfg.kernel.route_table);
         self.cfg = cfg;
         self.desired = desired;
         Ok(())

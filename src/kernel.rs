@@ -7,10 +7,11 @@
 use std::fmt;
 
 use crate::config::ROUTE_PROTOCOL;
-use crate::model::Desired;
+use crate::model::{Desired, TableId};
 use crate::nft::{self, Nft};
 use crate::plan::TABLE;
-use crate::route::{RouteChanges, RouteDrift, RouteError, Routing};
+use crate::route::{RouteChanges, RouteDrift, RouteError, RouteMonitor, Routing};
+use crate::telemetry::chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -142,5 +143,99 @@ impl Kernel {
             table,
             routing_entries,
         })
+    }
+}
+
+/// What a change notification was about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// etp's nftables table (or notifications were lost).
+    Nft,
+    /// One of etp's ip rules or a route in its table.
+    Routing,
+    /// A subscription failed and was dropped; drift repair for that half waits for the
+    /// resync tick from now on.
+    Lost { what: &'static str, error: String },
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::Nft => f.write_str("nftables table inet etp"),
+            Change::Routing => f.write_str("etp's ip rules or routes"),
+            Change::Lost { what, error } => write!(f, "{what} notifications lost: {error}"),
+        }
+    }
+}
+
+/// Change notifications for etp's kernel state, so that drift is repaired when it happens
+/// rather than at the next resync tick. Its sockets only listen; they are separate from the
+/// ones that change the kernel. Either half may be absent (its subscription was refused).
+pub struct Monitor {
+    nft: Option<nft::NftMonitor>,
+    routes: Option<RouteMonitor>,
+}
+
+impl Monitor {
+    /// Subscribes in the calling thread's network namespace. Returns the monitor and what could
+    /// not be subscribed to (for the caller to log).
+    pub fn open(route_table: TableId) -> (Monitor, Vec<String>) {
+        let mut failed = Vec::new();
+        let nft = nft::NftMonitor::open(libc::NFPROTO_INET as u8, TABLE)
+            .map_err(|e| failed.push(format!("nftables notifications: {e}")))
+            .ok();
+        let routes = RouteMonitor::open(route_table.0, ROUTE_PROTOCOL)
+            .map_err(|e| failed.push(format!("routing notifications: {}", chain(&e))))
+            .ok();
+        (Monitor { nft, routes }, failed)
+    }
+
+    /// A monitor that reports nothing (`[daemon] watch_kernel = false`).
+    pub fn none() -> Monitor {
+        Monitor {
+            nft: None,
+            routes: None,
+        }
+    }
+
+    /// Follows a reload that moved etp's route table.
+    pub fn set_route_table(&mut self, table: TableId) {
+        if let Some(r) = self.routes.as_mut() {
+            r.set_table(table.0);
+        }
+    }
+
+    /// Waits for the next change to etp's state. Never resolves when both halves are gone.
+    pub async fn changed(&mut self) -> Change {
+        let nft = async {
+            match self.nft.as_mut() {
+                Some(m) => m.changed().await.map_err(|e| e.to_string()),
+                None => std::future::pending().await,
+            }
+        };
+        let routes = async {
+            match self.routes.as_mut() {
+                Some(m) => m.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let change = tokio::select! {
+            r = nft => match r {
+                Ok(()) => Change::Nft,
+                Err(error) => Change::Lost { what: "nftables", error },
+            },
+            r = routes => match r {
+                Some(()) => Change::Routing,
+                None => Change::Lost { what: "routing", error: "connection closed".into() },
+            },
+        };
+        match &change {
+            Change::Lost {
+                what: "nftables", ..
+            } => self.nft = None,
+            Change::Lost { .. } => self.routes = None,
+            _ => {}
+        }
+        change
     }
 }

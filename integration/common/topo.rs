@@ -128,6 +128,8 @@ pub struct Opts {
     pub rust_log: Option<String>,
     /// `[daemon] fail_closed`.
     pub fail_closed: bool,
+    /// `[daemon] watch_kernel`.
+    pub watch_kernel: bool,
 }
 
 impl Default for Opts {
@@ -138,6 +140,7 @@ impl Default for Opts {
             args: ["run", "-c", "CFG"].map(String::from).to_vec(),
             rust_log: Some("etp=debug".to_string()),
             fail_closed: false,
+            watch_kernel: true,
         }
     }
 }
@@ -226,11 +229,12 @@ impl Etp {
     pub fn config_text(&self, body: &str) -> String {
         format!(
             "{body}\n[admin]\naddress = \"{ADMIN}\"\n\n[daemon]\npid_file = \"{}\"\n\
-             drain_seconds = {}\nresync_seconds = {}\nfail_closed = {}\n",
+             drain_seconds = {}\nresync_seconds = {}\nfail_closed = {}\nwatch_kernel = {}\n",
             self.pid_file.display(),
             self.opts.drain_seconds,
             self.opts.resync_seconds,
-            self.opts.fail_closed
+            self.opts.fail_closed,
+            self.opts.watch_kernel
         )
     }
 

@@ -101,6 +101,9 @@ pub struct Daemon {
     /// Keep the ruleset in place on shutdown so that intercepted traffic is refused while etp is
     /// down (fail-closed); the default removes it so traffic flows directly (fail-open).
     pub fail_closed: bool,
+    /// Repair drift as soon as netlink notifications report a change to etp's table, rules or
+    /// routes, not only at the resync tick. Read at start.
+    pub watch_kernel: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

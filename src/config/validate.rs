@@ -83,6 +83,7 @@ struct RawDaemon {
     resync_seconds: Option<S<i64>>,
     pid_file: Option<String>,
     fail_closed: Option<bool>,
+    watch_kernel: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -220,6 +221,7 @@ impl RawConfig {
                     .unwrap_or_else(|| DEFAULT_PID_FILE.to_string()),
             ),
             fail_closed: self.daemon.fail_closed.unwrap_or(false),
+            watch_kernel: self.daemon.watch_kernel.unwrap_or(true),
         };
         let l = self.limits;
         let limits = Limits {

@@ -12,6 +12,7 @@ mod audit;
 mod encode;
 mod error;
 pub mod expr;
+mod monitor;
 mod socket;
 pub mod text;
 pub mod wire;
@@ -22,4 +23,5 @@ pub use encode::{
     EncodeError, MsgInfo, Object,
 };
 pub use error::NftError;
+pub use monitor::{touches_table, NftMonitor};
 pub use socket::{ApplyReport, Nft};

@@ -12,6 +12,7 @@
 
 mod apply;
 mod message;
+mod monitor;
 
 use std::fmt;
 use std::io;
@@ -20,6 +21,7 @@ pub use apply::Routing;
 pub use message::{
     diff, route_dump_request, route_message, rule_message, Entry, RouteView, RuleView, LOOPBACK,
 };
+pub use monitor::RouteMonitor;
 
 /// Errors of the routing module; each names the step and, when there is one, the entry.
 #[derive(Debug, thiserror::Error)]
