@@ -4,11 +4,13 @@
 //! - `listen`: creating the transparent TCP/UDP sockets ([`Listeners::bind`]).
 //! - `upstream`: which address and mark a flow's upstream gets, and the marked connect.
 //! - `tcp`: the accept loop and one task per connection (relayed by `crate::relay`).
-//! - `udp`: the receive loop, the flow table and the reply sockets.
+//! - `udp`: the receive loop, the flows and the reply sockets; `flow_table`: the UDP flow table
+//!   and its eviction order.
 //!
 //! Reload: the daemon publishes a new [`Runtime`] on a `watch` channel. Each new flow reads the
 //! current one when it starts; established flows keep the routes they started with.
 
+mod flow_table;
 mod listen;
 mod tcp;
 mod udp;

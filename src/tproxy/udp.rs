@@ -5,7 +5,8 @@
 //! source). They are sent from a transparent socket bound to that address, shared by all flows
 //! to the same destination: the table holds it weakly, so it closes when its last flow ends.
 //!
-//! Bounds: `limits.max_udp_flows` (the oldest flow is evicted to make room), `limits.udp_queue`
+//! Bounds: `limits.max_udp_flows` (the least recently used flow is evicted to make room, see
+//! `flow_table`), `limits.udp_queue`
 //! datagrams queued per flow (beyond that they are dropped and counted), `limits.udp_idle_timeout`
 //! per flow. Datagrams up to 64 KiB are delivered whole; a truncated one is dropped.
 
@@ -22,6 +23,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::flow_table::{FlowTable, Room};
 use super::upstream::{plan_flow, reply_socket, udp_upstream, FlowPlan};
 use super::{ClientAddr, Dataplane, FlowGuard, OrigDst};
 use crate::metrics::{
@@ -41,11 +43,6 @@ thread_local! {
 
 type Key = (ClientAddr, OrigDst);
 
-struct Entry {
-    tx: mpsc::Sender<Vec<u8>>,
-    last: Instant,
-}
-
 fn drop_count(m: &Metrics, reason: &'static str) {
     m.udp_dropped_total
         .get_or_create(&ReasonLabels { reason })
@@ -55,7 +52,8 @@ fn drop_count(m: &Metrics, reason: &'static str) {
 pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
     let m = &dp.metrics;
     let mut buf = vec![0u8; sys::MAX_DATAGRAM];
-    let mut flows: HashMap<Key, Entry> = HashMap::new();
+    // Each flow's queue; a closed one means the flow's task has ended.
+    let mut flows: FlowTable<Key, mpsc::Sender<Vec<u8>>> = FlowTable::default();
     let mut replies: HashMap<OrigDst, Weak<UdpSocket>> = HashMap::new();
     let mut pruned = Instant::now();
     loop {
@@ -74,7 +72,7 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
             }
         };
         if pruned.elapsed() > PRUNE_EVERY {
-            flows.retain(|_, e| !e.tx.is_closed());
+            flows.retain(|tx| !tx.is_closed());
             replies.retain(|_, w| w.strong_count() > 0);
             pruned = Instant::now();
         }
@@ -88,12 +86,9 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
         };
         let key = (ClientAddr(r.src), OrigDst(orig));
         let mut data = buf[..r.len].to_vec();
-        if let Some(e) = flows.get_mut(&key) {
-            match e.tx.try_send(data) {
-                Ok(()) => {
-                    e.last = Instant::now();
-                    continue;
-                }
+        if let Some(tx) = flows.get_mut(&key, Instant::now()) {
+            match tx.try_send(data) {
+                Ok(()) => continue,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     drop_count(m, "queue_full");
                     continue;
@@ -106,15 +101,14 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
             }
         }
         let rt = dp.current();
-        if flows.len() >= rt.limits.max_udp_flows {
-            flows.retain(|_, e| !e.tx.is_closed());
-            if flows.len() >= rt.limits.max_udp_flows {
-                let oldest = flows.iter().min_by_key(|(_, e)| e.last).map(|(k, _)| *k);
-                if let Some(k) = oldest {
-                    // Dropping the sender ends that flow's task.
-                    flows.remove(&k);
+        // Dropping an evicted flow's sender ends that flow's task.
+        while flows.len() >= rt.limits.max_udp_flows {
+            match flows.make_room(|tx| tx.is_closed()) {
+                Room::Freed => {}
+                Room::Evicted => {
                     m.udp_evictions_total.inc();
                 }
+                Room::Empty => break,
             }
         }
         let plan = plan_flow(&rt, Proto::Udp, key.0, key.1);
@@ -152,13 +146,7 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
         };
         let (tx, rx) = mpsc::channel(rt.limits.udp_queue);
         tx.try_send(data).expect("a new queue has room");
-        flows.insert(
-            key,
-            Entry {
-                tx,
-                last: Instant::now(),
-            },
-        );
+        flows.insert(key, tx, Instant::now());
         let f = Flow {
             client: key.0,
             orig: key.1,
