@@ -65,7 +65,10 @@ cleanup() {
   [ -n "${BENCH_TSV:-}" ] && [ -f "$RES" ] && cp "$RES" "$BENCH_TSV"
   [ -n "${BENCH_KEEP:-}" ] && echo "bench: kept $WORK" >&2 || rm -rf "$WORK"
 }
-trap cleanup EXIT INT TERM
+# A TERM or INT trap that returns would let the script run on without its namespaces: exit,
+# and let the EXIT trap clean up once.
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 # waits (bounded) until `cmd...` succeeds; $1 = tenths of a second

@@ -25,7 +25,10 @@ cleanup() {
   done
   rm -rf "$WORK"
 }
-trap cleanup EXIT INT TERM
+# A TERM or INT trap that returns would let the script run on without its namespaces: exit,
+# and let the EXIT trap clean up once.
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
