@@ -116,6 +116,8 @@ impl Serving {
 
 /// How long after a change notification the drift check runs.
 const NOTIFY_SETTLE: Duration = Duration::from_millis(100);
+/// The least time between two notification-driven drift checks.
+const NOTIFY_MIN_GAP: Duration = Duration::from_secs(1);
 
 /// Sleeps until `at`; never resolves for `None`.
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
@@ -245,6 +247,9 @@ impl Daemon {
         // A change notification schedules a resync shortly after, so that one transaction's
         // burst of notifications (or an agent's few quick commits) costs one check.
         let mut repair_at: Option<tokio::time::Instant> = None;
+        // Notification-driven checks are at least NOTIFY_MIN_GAP apart, so that a stream of
+        // notifications (or of overruns) cannot keep etp auditing a large table back to back.
+        let mut last_check = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 change = self.monitor.changed() => match change {
@@ -253,12 +258,16 @@ impl Daemon {
                         // etp's own commits are notified too; the check after them finds the
                         // generation id unchanged and costs two small routing dumps.
                         debug!(%change, "kernel change notified; checking for drift");
-                        repair_at.get_or_insert_with(|| tokio::time::Instant::now() + NOTIFY_SETTLE);
+                        repair_at.get_or_insert_with(|| {
+                            (tokio::time::Instant::now() + NOTIFY_SETTLE)
+                                .max(last_check + NOTIFY_MIN_GAP)
+                        });
                     }
                 },
                 _ = sleep_until_some(repair_at) => {
                     repair_at = None;
                     self.resync().await;
+                    last_check = tokio::time::Instant::now();
                 }
                 _ = signals.hup.recv() => {
                     // Signals that arrive while a reload runs are coalesced by the stream into
