@@ -422,6 +422,71 @@ fn sigkill_fails_open_and_a_restart_recovers() {
     eprintln!("SIGKILL/restart: generation {g1} -> {g2}");
 }
 
+/// After a fail-open stop no TIME-WAIT remnant of etp's client legs is left in the node: such a
+/// remnant would capture a new, now forwarded SYN with the same 4-tuple (early demux) and the
+/// client could not connect to that destination from that port for 60 s.
+#[test]
+fn a_reused_client_port_connects_right_after_a_stop() {
+    require_root!();
+    let t = topo();
+    let mut etp = start_etp(&t.router, &cfg_a());
+    // An HTTP GET from the fixed client port 41234 that reads until the server closes: the server
+    // closes first (Connection: close), etp passes its FIN on, so etp's client leg closes first
+    // and stays in TIME-WAIT in the router.
+    const GET: &str = "import socket,sys\n\
+        s = socket.socket()\n\
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        s.settimeout(3)\n\
+        s.bind(('10.10.1.2', 41234))\n\
+        s.connect(('10.96.0.20', 8080))\n\
+        s.sendall(b'GET / HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n')\n\
+        got = b''\n\
+        while True:\n\
+        \x20   b = s.recv(4096)\n\
+        \x20   if not b: break\n\
+        \x20   got += b\n\
+        sys.stdout.write(got.decode())\n";
+    let get = || {
+        let out = t.client.try_exec("python3", &["-c", GET]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let body = get();
+    assert!(body.contains(" to 10.10.2.1:"), "intercepted first: {body}");
+    let tw = |t: &common::topo::Topo| {
+        t.router
+            .exec(
+                "ss",
+                &["-Htan", "state", "time-wait", "dst", "10.10.1.2:41234"],
+            )
+            .lines()
+            .count()
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || (tw(&t) == 1).then_some(())).is_some(),
+        "etp's client leg is in TIME-WAIT while etp runs: {}",
+        t.router.exec("ss", &["-tan"])
+    );
+    let (status, _) = etp.terminate();
+    assert!(status.success(), "{}", etp.log_text());
+    assert!(
+        etp.log_text()
+            .contains("TIME-WAIT remnants of client legs destroyed destroyed=1"),
+        "{}",
+        etp.log_text()
+    );
+    assert_eq!(tw(&t), 0, "TIME-WAIT remnants left after the stop");
+    // Straight to the server now (fail-open), from the same port.
+    let body = get();
+    assert!(
+        body.contains(" to 10.10.1.2:"),
+        "the reused port connects directly: {body}"
+    );
+}
+
 /// With change notifications (the default), drift is repaired as soon as the kernel reports it,
 /// long before the resync tick (an hour here), and changes to other tables cost nothing.
 #[test]

@@ -17,10 +17,11 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::classify::Decision;
 use crate::config::{Config, ConfigError};
 use crate::kernel::{Change, Kernel, KernelError, Monitor};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::model::Desired;
+use crate::model::{Desired, Proto};
 use crate::plan;
 use crate::telemetry::chain;
 use crate::tproxy::{Dataplane, ListenError, Listeners, Runtime};
@@ -145,6 +146,25 @@ struct Daemon {
     admin: Arc<AdminState>,
     last_reload: Option<(SystemTime, Result<(), String>)>,
     started: SystemTime,
+}
+
+/// Fail-open stop, after the ruleset is gone: destroys the TIME-WAIT remnants of etp's
+/// client legs (client -> an original destination one of etp's routes selects), which
+/// would otherwise capture new, now forwarded SYNs with the same 4-tuple for 60 s.
+fn forget_client_legs(kernel: &mut Kernel, runtime: &Runtime) {
+    let ours = |tw: &crate::sockdiag::TimeWait| {
+        matches!(
+            runtime
+                .classifier
+                .classify(Proto::Tcp, tw.remote.ip(), tw.local),
+            Decision::Route(_)
+        )
+    };
+    match kernel.forget_time_wait(ours) {
+        Ok(destroyed) => info!(destroyed, "TIME-WAIT remnants of client legs destroyed"),
+        Err(e) => warn!(error = %chain(&e),
+            "TIME-WAIT remnants stay: a client reusing a port may fail to connect for 60 s"),
+    }
 }
 
 /// Ignores SIGHUP until [`run`] installs its handler. Call it first thing in `main`, before
@@ -445,11 +465,15 @@ impl Daemon {
             info!("fail_closed: leaving the ruleset in place");
         } else {
             match self.kernel.cleanup().await {
-                Ok(r) => info!(
-                    table = r.table,
-                    routing_entries = r.routing_entries,
-                    "ruleset removed"
-                ),
+                Ok(r) => {
+                    info!(
+                        table = r.table,
+                        routing_entries = r.routing_entries,
+                        "ruleset removed"
+                    );
+                    let runtime = Arc::clone(&self.runtime_tx.borrow());
+                    forget_client_legs(&mut self.kernel, &runtime);
+                }
                 Err(e) => error!(error = %chain(&e), "removing the ruleset"),
             }
         }

@@ -11,6 +11,7 @@ use crate::model::{Desired, TableId};
 use crate::nft::{self, Nft};
 use crate::plan::TABLE;
 use crate::route::{RouteChanges, RouteDrift, RouteError, RouteMonitor, Routing};
+use crate::sockdiag;
 use crate::telemetry::chain;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,8 @@ pub enum KernelError {
     Nft(#[from] nft::NftError),
     #[error("policy routing")]
     Route(#[from] RouteError),
+    #[error("destroying TIME-WAIT sockets over sock_diag")]
+    SockDiag(#[source] std::io::Error),
 }
 
 /// The result of one apply.
@@ -133,6 +136,14 @@ impl Kernel {
             .into_iter()
             .map(Drift::Route)
             .collect())
+    }
+
+    /// Destroys the TIME-WAIT TCP sockets `ours` selects (see `sockdiag`); returns how many.
+    pub fn forget_time_wait(
+        &mut self,
+        ours: impl Fn(&sockdiag::TimeWait) -> bool,
+    ) -> Result<usize, KernelError> {
+        blocking(|| sockdiag::destroy_time_wait(ours)).map_err(KernelError::SockDiag)
     }
 
     /// Removes etp's table, then every rule and route tagged with etp's protocol number.

@@ -26,6 +26,7 @@ pub mod nft;
 pub mod plan;
 pub mod relay;
 pub mod route;
+pub mod sockdiag;
 pub mod sys;
 pub mod telemetry;
 pub mod tproxy;

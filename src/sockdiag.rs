@@ -1,0 +1,234 @@
+//! TIME-WAIT remnants of etp's client legs, found and destroyed over sock_diag (NETLINK_SOCK_DIAG,
+//! what `ss -K` uses; see sock_diag(7)).
+//!
+//! Why: when the server closes first, etp passes the FIN on and its client leg closes first, so
+//! that socket sits in TIME-WAIT in the node for 60 s, under the 4-tuple (client, original
+//! destination). Once etp has stopped fail-open, a new SYN from the same client port to the same
+//! destination is forwarded, not intercepted, but early demux attaches it to the remnant and the
+//! forward path drops it: that client cannot connect for up to a minute (measured:
+//! `integration/daemon.rs::a_reused_client_port_connects_right_after_a_stop`). Destroying the
+//! remnants after the ruleset is gone ends that (`SOCK_DESTROY` on a TIME-WAIT socket simply
+//! deschedules it; the kernel needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY).
+//!
+//! Which remnants are etp's is the caller's decision (a filter on client and local address);
+//! this module only dumps and destroys.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use rtnetlink::sys::{protocols::NETLINK_SOCK_DIAG, Socket};
+
+use crate::nft::wire::{Msgs, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const TCP_TIME_WAIT: u32 = 6;
+/// `struct inet_diag_req_v2`: family, protocol, ext, pad, states, then `inet_diag_sockid`.
+const REQ_LEN: usize = 8 + ID_LEN;
+/// `struct inet_diag_sockid`: sport, dport (big-endian), src[4], dst[4], if, cookie[2].
+const ID_LEN: usize = 48;
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A TCP socket in TIME-WAIT as the dump reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeWait {
+    pub family: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The raw `inet_diag_sockid` (cookie included), echoed back to destroy exactly this one.
+    id: [u8; ID_LEN],
+}
+
+fn header(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32) {
+    buf.extend_from_slice(&((16 + REQ_LEN) as u32).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+}
+
+fn request(ty: u16, flags: u16, seq: u32, family: u8, id: &[u8; ID_LEN]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + REQ_LEN);
+    header(&mut b, ty, flags, seq);
+    b.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+    b.extend_from_slice(&(1u32 << TCP_TIME_WAIT).to_ne_bytes());
+    b.extend_from_slice(id);
+    b
+}
+
+/// A dump request for every TCP socket of `family` in TIME-WAIT.
+pub fn dump_request(family: u8, seq: u32) -> Vec<u8> {
+    request(
+        SOCK_DIAG_BY_FAMILY,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        family,
+        &[0; ID_LEN],
+    )
+}
+
+/// The request that destroys `tw`, acked.
+pub fn destroy_request(tw: &TimeWait, seq: u32) -> Vec<u8> {
+    request(
+        SOCK_DESTROY,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        tw.family,
+        &tw.id,
+    )
+}
+
+fn addr(family: u8, raw: &[u8], port: [u8; 2]) -> Option<SocketAddr> {
+    let ip = match i32::from(family) {
+        libc::AF_INET => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&raw[..4]).ok()?)),
+        libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(raw).ok()?)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, u16::from_be_bytes(port)))
+}
+
+/// Reads the `inet_diag_msg` replies of a dump; `done` turns true at `NLMSG_DONE`.
+pub fn parse_dump(buf: &[u8], out: &mut Vec<TimeWait>, done: &mut bool) -> io::Result<()> {
+    for m in Msgs(buf) {
+        match m.ty {
+            NLMSG_DONE => *done = true,
+            NLMSG_ERROR => {
+                let errno = m
+                    .payload()
+                    .get(..4)
+                    .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                if errno != 0 {
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+            }
+            SOCK_DIAG_BY_FAMILY => {
+                let p = m.payload();
+                if p.len() < 4 + ID_LEN || u32::from(p[1]) != TCP_TIME_WAIT {
+                    continue;
+                }
+                let id: [u8; ID_LEN] = p[4..4 + ID_LEN].try_into().expect("length checked");
+                let (family, sport, dport) = (p[0], [id[0], id[1]], [id[2], id[3]]);
+                if let (Some(local), Some(remote)) = (
+                    addr(family, &id[4..20], sport),
+                    addr(family, &id[20..36], dport),
+                ) {
+                    out.push(TimeWait {
+                        family,
+                        local,
+                        remote,
+                        id,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The errno of an ack (0 for success); `None` for other messages.
+fn ack_errno(buf: &[u8]) -> Vec<i32> {
+    Msgs(buf)
+        .filter(|m| m.ty == NLMSG_ERROR)
+        .map(|m| {
+            m.payload()
+                .get(..4)
+                .map_or(0, |b| -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        })
+        .collect()
+}
+
+/// Destroys the TIME-WAIT TCP sockets (IPv4 and IPv6) that `ours` selects, in the calling
+/// thread's network namespace. Returns how many went; sockets that expired meanwhile (ENOENT)
+/// are not errors.
+pub fn destroy_time_wait(ours: impl Fn(&TimeWait) -> bool) -> io::Result<usize> {
+    let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
+    sock.bind_auto()?;
+    socket2::SockRef::from(&sock).set_read_timeout(Some(TIMEOUT))?;
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut found = Vec::new();
+    for (seq, family) in [(1, libc::AF_INET), (2, libc::AF_INET6)] {
+        sock.send(&dump_request(family as u8, seq), 0)?;
+        let mut done = false;
+        while !done {
+            buf.clear();
+            sock.recv(&mut buf, 0)?;
+            parse_dump(&buf, &mut found, &mut done)?;
+        }
+    }
+    let mut destroyed = 0;
+    for (i, tw) in found.iter().filter(|tw| ours(tw)).enumerate() {
+        sock.send(&destroy_request(tw, 100 + i as u32), 0)?;
+        buf.clear();
+        sock.recv(&mut buf, 0)?;
+        match ack_errno(&buf).first().copied() {
+            Some(0) => destroyed += 1,
+            Some(libc::ENOENT) | None => {}
+            Some(errno) => return Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
+    Ok(destroyed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dump reply as the kernel lays it out: nlmsghdr, then inet_diag_msg.
+    fn reply(family: u8, state: u8, local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+        let mut p = vec![family, state, 0, 0];
+        let mut id = [0u8; ID_LEN];
+        id[0..2].copy_from_slice(&local.port().to_be_bytes());
+        id[2..4].copy_from_slice(&remote.port().to_be_bytes());
+        let put = |dst: &mut [u8], ip: IpAddr| match ip {
+            IpAddr::V4(a) => dst[..4].copy_from_slice(&a.octets()),
+            IpAddr::V6(a) => dst.copy_from_slice(&a.octets()),
+        };
+        put(&mut id[4..20], local.ip());
+        put(&mut id[20..36], remote.ip());
+        id[40..48].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]); // cookie
+        p.extend_from_slice(&id);
+        p.extend_from_slice(&[0; 20]); // expires, rqueue, wqueue, uid, inode
+        let mut b = Vec::new();
+        b.extend_from_slice(&((16 + p.len()) as u32).to_ne_bytes());
+        b.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        b.extend_from_slice(&[0; 10]);
+        b.extend_from_slice(&p);
+        b
+    }
+
+    #[test]
+    fn requests_have_the_kernels_layout() {
+        let d = dump_request(libc::AF_INET as u8, 7);
+        assert_eq!(d.len(), 16 + 56, "nlmsghdr + inet_diag_req_v2");
+        assert_eq!(u16::from_ne_bytes([d[4], d[5]]), SOCK_DIAG_BY_FAMILY);
+        assert_eq!(u16::from_ne_bytes([d[6], d[7]]), 0x301, "request | dump");
+        assert_eq!(&d[16..20], &[libc::AF_INET as u8, 6, 0, 0]);
+        assert_eq!(u32::from_ne_bytes([d[20], d[21], d[22], d[23]]), 1 << 6);
+    }
+
+    #[test]
+    fn time_wait_replies_parse_and_destroy_echoes_the_id() {
+        let l: SocketAddr = "10.96.0.20:8080".parse().unwrap();
+        let r: SocketAddr = "10.10.1.2:41234".parse().unwrap();
+        let l6: SocketAddr = "[fd00:10:96::14]:80".parse().unwrap();
+        let r6: SocketAddr = "[fd10:1::2]:5000".parse().unwrap();
+        let mut buf = reply(libc::AF_INET as u8, 6, l, r);
+        buf.extend(reply(libc::AF_INET6 as u8, 6, l6, r6));
+        buf.extend(reply(libc::AF_INET as u8, 1, l, r)); // ESTABLISHED: ignored
+        let (mut out, mut done) = (Vec::new(), false);
+        parse_dump(&buf, &mut out, &mut done).unwrap();
+        assert!(!done);
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].local, out[0].remote), (l, r));
+        assert_eq!((out[1].local, out[1].remote), (l6, r6));
+        let d = destroy_request(&out[0], 9);
+        assert_eq!(u16::from_ne_bytes([d[4], d[5]]), SOCK_DESTROY);
+        assert_eq!(
+            &d[24..],
+            &buf[20..20 + ID_LEN],
+            "the id and cookie go back as dumped"
+        );
+    }
+}
