@@ -30,7 +30,7 @@ pub struct Global {
     /// Config file [default: /etc/etp/etp.toml; `render`, `check` fall back to the embedded default]
     #[arg(short, long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Override [listener] port (also accepted as `-port=N`)
+    /// Override `[listener] port` (also accepted as `-port=N`)
     #[arg(long, global = true, value_name = "PORT")]
     pub port: Option<u16>,
     /// Log verbosity: 0 info, 1-2 debug (per flow), 3 trace (also `-v=N`; RUST_LOG wins)

@@ -5,8 +5,8 @@
 //! - `wire`   netlink framing: batch BEGIN/END, element messages, reply parsing
 //! - `encode` `model::Table` -> [`Batch`] (labelled messages; no socket)
 //! - `text`   libnftnl's text form of rules (golden tests, audit)
-//! - `socket` [`Nft`]: open, generation id, apply, delete_table [edge]
-//! - `audit`  read back and compare -> [`Drift`] [edge]
+//! - `socket` [`Nft`]: open, generation id, apply, delete_table (edge)
+//! - `audit`  read back and compare -> [`Drift`] (edge)
 
 mod audit;
 mod encode;

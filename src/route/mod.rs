@@ -1,7 +1,7 @@
 //! Policy routing over rtnetlink: the `ip rule fwmark M lookup T` entries and the
 //! `local default dev lo table T` routes that deliver TPROXY-marked packets to the local stack.
 //!
-//! - [`message`] is pure: model entries -> `RuleMessage` / `RouteMessage`, dumped messages ->
+//! - `message` is pure: model entries -> `RuleMessage` / `RouteMessage`, dumped messages ->
 //!   comparable [`RuleView`] / [`RouteView`], and the desired/observed [`diff`].
 //! - [`Routing`] is the edge: one rtnetlink socket in the namespace of the thread that connects;
 //!   it dumps, then adds and deletes, and makes no policy decisions.

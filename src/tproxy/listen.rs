@@ -80,7 +80,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds TCP and UDP on `port` for IPv4 (0.0.0.0) and, if `ipv6`, IPv6 ([::], v6-only).
+    /// Binds TCP and UDP on `port` for IPv4 (0.0.0.0) and, if `ipv6`, IPv6 (`[::]`, v6-only).
     /// Synchronous; must run inside a tokio runtime (the sockets are registered with it).
     pub fn bind(port: u16, ipv6: bool) -> Result<Listeners, ListenError> {
         let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
