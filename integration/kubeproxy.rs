@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::topo::{curl, metric, standin_lines, start_etp, start_standin, stop_etp, topo};
+use common::topo::{curl, dig, metric, standin_lines, start_etp, start_standin, stop_etp, topo};
 use common::TempFile;
 
 const CFG: &str = r#"
@@ -91,4 +91,58 @@ fn linkerd_is_handed_the_cluster_ip_not_the_endpoint() {
     // kube-proxy's own table is untouched by etp.
     let listed = t.router.nft(&["list", "table", "ip", "kube-proxy-test"]);
     assert!(listed.contains("dnat to 10.96.0.10:8080"), "{listed}");
+}
+
+const CFG_UDP: &str = r#"
+[listener]
+port = 15001
+
+[[route]]
+name = "dns"
+protocols = ["udp"]
+destinations = ["10.96.0.98/32", "fd00:10:96::62/128"]
+ports = [53]
+action = "forward"
+forward_to = "10.96.0.10:53"
+"#;
+
+/// kube-dns's ClusterIP 10.96.0.98:53 (and [fd00:10:96::62]:53) -> an endpoint where nothing
+/// answers: only etp's `forward` route can get an answer.
+const KUBE_PROXY_UDP: &str = r#"
+table ip kube-proxy-test {
+	chain pre {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr 10.96.0.98 udp dport 53 dnat to 10.96.0.40:53
+	}
+}
+table ip6 kube-proxy-test {
+	chain pre {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip6 daddr fd00:10:96::62 udp dport 53 dnat to [fd00:10:96::28]:53
+	}
+}
+"#;
+
+/// A UDP route written for a ClusterIP (a node-local DNS cache for kube-dns) matches although
+/// kube-proxy's DNAT runs after etp's tproxy rule: etp reads the pre-DNAT destination from
+/// conntrack. The answer still comes from the ClusterIP (dig checks), through conntrack's
+/// reverse translation of etp's reply.
+#[test]
+fn a_udp_route_for_a_cluster_ip_matches_behind_dnat() {
+    require_root!();
+    let t = topo();
+    let rules = TempFile::new("kube-proxy-udp.nft", KUBE_PROXY_UDP);
+    t.router.nft(&["-f", rules.as_str()]);
+    let etp = start_etp(&t.router, CFG_UDP);
+    assert_eq!(dig(&t.client, "10.96.0.98"), "10.1.2.3");
+    assert_eq!(dig(&t.client, "fd00:10:96::62"), "10.1.2.3");
+    let m = stop_etp(etp);
+    assert_eq!(
+        metric(
+            &m,
+            r#"etp_flows_total{route="dns",action="forward",proto="udp"}"#
+        ),
+        2,
+        "{m}"
+    );
 }

@@ -20,6 +20,7 @@ pub mod admin;
 pub mod classify;
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod daemon;
 pub mod fdlimit;
 pub mod kernel;

@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 use super::flow_table::{FlowTable, Room};
 use super::upstream::{plan_flow, reply_socket, udp_upstream, FlowPlan};
 use super::{ClientAddr, Dataplane, FlowGuard, OrigDst};
+use crate::conntrack::Conntrack;
 use crate::metrics::{
     ByteLabels, Direction, ErrorKind, ErrorLabels, FlowLabels, Metrics, ReasonLabels,
 };
@@ -56,6 +57,15 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
     let mut flows: FlowTable<Key, mpsc::Sender<Vec<u8>>> = FlowTable::default();
     let mut replies: HashMap<OrigDst, Weak<UdpSocket>> = HashMap::new();
     let mut pruned = Instant::now();
+    // This loop's own ctnetlink socket: the pre-DNAT destination of each new flow.
+    let mut conntrack = match Conntrack::open() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(error = %e, "no conntrack socket: UDP flows behind a DNAT are classified by \
+                their translated destination");
+            None
+        }
+    };
     loop {
         let r = sock
             .async_io(Interest::READABLE, || {
@@ -111,7 +121,21 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
                 Room::Empty => break,
             }
         }
-        let plan = plan_flow(&rt, Proto::Udp, key.0, key.1);
+        // What the client asked for: before a DNAT (kube-proxy's ClusterIP -> endpoint) that
+        // ran after the tproxy rule, else the destination the datagram arrived with. Replies
+        // still leave from `key.1`: conntrack translates them back to what the client asked.
+        let asked = match conntrack
+            .as_mut()
+            .map(|c| c.udp_orig_dst(key.0 .0, key.1 .0))
+        {
+            Some(Ok(Some(a))) => OrigDst(sys::unmap(a)),
+            Some(Err(e)) => {
+                debug!(client = %key.0, orig_dst = %key.1, error = %e, "conntrack lookup failed");
+                key.1
+            }
+            _ => key.1,
+        };
+        let plan = plan_flow(&rt, Proto::Udp, key.0, asked);
         let reply = match replies.get(&key.1).and_then(Weak::upgrade) {
             Some(s) => s,
             None => match reply_socket(key.1, rt.kernel.own_mark.0) {
@@ -149,7 +173,7 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
         flows.insert(key, tx, Instant::now());
         let f = Flow {
             client: key.0,
-            orig: key.1,
+            orig: asked,
             plan,
             up,
             reply,
