@@ -16,6 +16,7 @@
 
 use std::fs::File;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,39 +32,60 @@ pub fn is_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-#[derive(Debug, Default)]
-struct State {
-    step: Duration,
-    until: Option<Instant>,
+/// The data path's shared back-off after descriptor exhaustion. Every accepted connection
+/// asks [`Pressure::wait_left`] and every connected flow calls [`Pressure::clear`], so both are
+/// one atomic load when there is no pressure; only [`Pressure::hit`] (rare) takes the lock.
+#[derive(Debug)]
+pub struct Pressure {
+    /// Milliseconds after `epoch` until which accepts wait; 0: no pressure.
+    until_ms: AtomicU64,
+    /// The current back-off step (doubled by each hit).
+    step: Mutex<Duration>,
+    epoch: Instant,
 }
 
-/// The data path's shared back-off after descriptor exhaustion.
-#[derive(Debug, Default)]
-pub struct Pressure(Mutex<State>);
+impl Default for Pressure {
+    fn default() -> Self {
+        Pressure {
+            until_ms: AtomicU64::new(0),
+            step: Mutex::new(Duration::ZERO),
+            epoch: Instant::now(),
+        }
+    }
+}
 
 impl Pressure {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     /// Records an exhaustion error; returns the new back-off step.
     pub fn hit(&self) -> Duration {
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        s.step = (s.step * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
-        s.until = Some(Instant::now() + s.step);
-        s.step
+        let mut step = self.step.lock().unwrap_or_else(|e| e.into_inner());
+        *step = (*step * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
+        // At least 1, so that "until" is never the "no pressure" value.
+        let until = (self.now_ms() + step.as_millis() as u64).max(1);
+        self.until_ms.store(until, Ordering::Release);
+        *step
     }
 
     /// A flow got all its descriptors: the pressure is gone.
     pub fn clear(&self) {
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if s.until.is_some() {
-            *s = State::default();
+        if self.until_ms.load(Ordering::Acquire) != 0 {
+            let mut step = self.step.lock().unwrap_or_else(|e| e.into_inner());
+            *step = Duration::ZERO;
+            self.until_ms.store(0, Ordering::Release);
         }
     }
 
     /// How long a new accept should still wait, if at all.
     pub fn wait_left(&self) -> Option<Duration> {
-        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        s.until
-            .and_then(|u| u.checked_duration_since(Instant::now()))
-            .filter(|d| !d.is_zero())
+        let until = self.until_ms.load(Ordering::Acquire);
+        if until == 0 {
+            return None;
+        }
+        let now = self.now_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
     }
 }
 

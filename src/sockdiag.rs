@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use rtnetlink::sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 
-use crate::nft::wire::{Msgs, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+use crate::nft::wire::{
+    parse_ack, Msgs, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
@@ -93,15 +95,10 @@ pub fn parse_dump(buf: &[u8], out: &mut Vec<TimeWait>, done: &mut bool) -> io::R
     for m in Msgs(buf) {
         match m.ty {
             NLMSG_DONE => *done = true,
-            NLMSG_ERROR => {
-                let errno = m
-                    .payload()
-                    .get(..4)
-                    .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                if errno != 0 {
-                    return Err(io::Error::from_raw_os_error(-errno));
-                }
-            }
+            NLMSG_ERROR => match parse_ack(&m) {
+                Some(a) if a.errno != 0 => return Err(io::Error::from_raw_os_error(a.errno)),
+                _ => {}
+            },
             SOCK_DIAG_BY_FAMILY => {
                 let p = m.payload();
                 if p.len() < 4 + ID_LEN || u32::from(p[1]) != TCP_TIME_WAIT {
@@ -127,18 +124,6 @@ pub fn parse_dump(buf: &[u8], out: &mut Vec<TimeWait>, done: &mut bool) -> io::R
     Ok(())
 }
 
-/// The errno of an ack (0 for success); `None` for other messages.
-fn ack_errno(buf: &[u8]) -> Vec<i32> {
-    Msgs(buf)
-        .filter(|m| m.ty == NLMSG_ERROR)
-        .map(|m| {
-            m.payload()
-                .get(..4)
-                .map_or(0, |b| -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        })
-        .collect()
-}
-
 /// Destroys the TIME-WAIT TCP sockets (IPv4 and IPv6) that `ours` selects, in the calling
 /// thread's network namespace. Returns how many went; sockets that expired meanwhile (ENOENT)
 /// are not errors.
@@ -162,7 +147,11 @@ pub fn destroy_time_wait(ours: impl Fn(&TimeWait) -> bool) -> io::Result<usize> 
         sock.send(&destroy_request(tw, 100 + i as u32), 0)?;
         buf.clear();
         sock.recv(&mut buf, 0)?;
-        match ack_errno(&buf).first().copied() {
+        match Msgs(&buf)
+            .filter(|m| m.ty == NLMSG_ERROR)
+            .find_map(|m| parse_ack(&m))
+            .map(|a| a.errno)
+        {
             Some(0) => destroyed += 1,
             Some(libc::ENOENT) | None => {}
             Some(errno) => return Err(io::Error::from_raw_os_error(errno)),
