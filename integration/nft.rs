@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::Netns;
 use etp::config::Config;
+use etp::kernel::nft::{Drift, Nft, NftError};
 use etp::model::{Chain, ChainType, FwMark, Hook, Match, Rule, Set, SetElems, Table, Verdict};
-use etp::nft::{Drift, Nft, NftError};
 
 const LOCAL_TOML: &str = include_str!("../rulesets/local.netlink.toml");
 
@@ -33,7 +33,7 @@ fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'stati
     .expect("netns thread panicked")
 }
 
-fn apply_in(ns: &Netns, table: &Table) -> Result<etp::nft::ApplyReport, NftError> {
+fn apply_in(ns: &Netns, table: &Table) -> Result<etp::kernel::nft::ApplyReport, NftError> {
     let t = table.clone();
     in_netns(ns, move || Nft::open()?.apply(&t, None))
 }

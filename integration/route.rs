@@ -1,7 +1,7 @@
 //! Policy routing against the real kernel, each test in its own network namespace.
 //!
 //! A netlink socket belongs to the namespace of the thread that opens it, so every call into
-//! `etp::route` runs on a fresh thread that first enters the test's namespace (`setns`) and then
+//! `etp::kernel::route` runs on a fresh thread that first enters the test's namespace (`setns`) and then
 //! builds a current-thread tokio runtime. `ip` is the independent witness.
 mod common;
 
@@ -10,8 +10,8 @@ use std::future::Future;
 use std::os::fd::AsRawFd;
 
 use common::Netns;
+use etp::kernel::route::{RouteChanges, RouteDrift, Routing};
 use etp::model::{Family, FwMark, IpRule, LocalRoute, TableId};
-use etp::route::{RouteChanges, RouteDrift, Routing};
 
 const PROTO: u8 = 231;
 

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::fdlimit::{self, Spare};
+use crate::dataplane::fdlimit::{self, Spare};
 use crate::metrics::Metrics;
 
 const MAX_REQUEST: usize = 8 * 1024;

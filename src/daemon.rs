@@ -19,12 +19,12 @@ use tracing::{debug, error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::classify::Decision;
 use crate::config::{Config, ConfigError};
+use crate::dataplane::{Dataplane, ListenError, Listeners, Runtime};
 use crate::kernel::{Change, Kernel, KernelError, Monitor};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::model::{Desired, Proto};
 use crate::plan;
 use crate::telemetry::chain;
-use crate::tproxy::{Dataplane, ListenError, Listeners, Runtime};
 
 /// Where the config comes from, and the command-line values that override the file.
 #[derive(Debug, Clone)]
@@ -152,7 +152,7 @@ struct Daemon {
 /// client legs (client -> an original destination one of etp's routes selects), which
 /// would otherwise capture new, now forwarded SYNs with the same 4-tuple for 60 s.
 fn forget_client_legs(kernel: &mut Kernel, runtime: &Runtime) {
-    let ours = |tw: &crate::sockdiag::TimeWait| {
+    let ours = |tw: &crate::kernel::sockdiag::TimeWait| {
         matches!(
             runtime
                 .classifier

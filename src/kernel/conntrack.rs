@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket};
 
-use crate::nft::wire::{
+use crate::kernel::nft::wire::{
     begin_msg, end_msg, nest_end, nest_start, put_attr, Attrs, Msgs, NFGEN_HDRLEN, NLMSG_ERROR,
 };
 

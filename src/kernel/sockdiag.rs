@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use rtnetlink::sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 
-use crate::nft::wire::{
+use crate::kernel::nft::wire::{
     parse_ack, Msgs, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 

@@ -13,11 +13,11 @@ use tracing::{debug, info, warn};
 
 use super::upstream::{connect_tcp, plan_flow};
 use super::{ClientAddr, Dataplane, OrigDst, Runtime};
-use crate::fdlimit::{self, Pressure};
+use crate::dataplane::fdlimit::{self, Pressure};
+use crate::dataplane::relay::{self, Counters, End};
+use crate::dataplane::sockopt;
 use crate::metrics::{ByteLabels, Direction, ErrorKind, ErrorLabels, FlowLabels, Metrics};
 use crate::model::Proto;
-use crate::relay::{self, Counters, End};
-use crate::sys;
 
 pub(super) async fn accept_loop(dp: &Dataplane, listener: TcpListener) {
     loop {
@@ -48,13 +48,16 @@ pub(super) async fn accept_loop(dp: &Dataplane, listener: TcpListener) {
             }
         };
         let orig = match stream.local_addr() {
-            Ok(a) => OrigDst(sys::accepted_orig_dst(socket2::SockRef::from(&stream), a)),
+            Ok(a) => OrigDst(sockopt::accepted_orig_dst(
+                socket2::SockRef::from(&stream),
+                a,
+            )),
             Err(e) => {
                 debug!(error = %e, "getsockname on an accepted connection failed");
                 continue;
             }
         };
-        let client = ClientAddr(sys::unmap(peer));
+        let client = ClientAddr(sockopt::unmap(peer));
         let guard = dp.flows.enter();
         let cancelled = dp.flows.cancelled();
         let rt = dp.current();
@@ -126,7 +129,7 @@ async fn handle(
                 %kind, error = %e, "upstream connect failed, resetting the client");
             // SO_LINGER 0: the close below sends a RST, so the client fails at once instead of
             // seeing an orderly close it could mistake for an answer.
-            let _ = sys::set_reset_on_close((&client).into());
+            let _ = sockopt::set_reset_on_close((&client).into());
             return;
         }
     };

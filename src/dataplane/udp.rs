@@ -26,12 +26,12 @@ use tracing::{debug, warn};
 use super::flow_table::{FlowTable, Room};
 use super::upstream::{plan_flow, reply_socket, udp_upstream, FlowPlan};
 use super::{ClientAddr, Dataplane, FlowGuard, OrigDst};
-use crate::conntrack::Conntrack;
+use crate::dataplane::sockopt;
+use crate::kernel::conntrack::Conntrack;
 use crate::metrics::{
     ByteLabels, Direction, ErrorKind, ErrorLabels, FlowLabels, Metrics, ReasonLabels,
 };
 use crate::model::Proto;
-use crate::sys;
 
 /// How often the receive loop forgets finished flows and unused reply sockets.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
@@ -39,7 +39,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(5);
 thread_local! {
     /// One 64 KiB reply buffer per worker thread: flows read a reply and send it on without
     /// awaiting in between, so a per-flow buffer is not needed.
-    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; sys::MAX_DATAGRAM]);
+    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; sockopt::MAX_DATAGRAM]);
 }
 
 type Key = (ClientAddr, OrigDst);
@@ -52,7 +52,7 @@ fn drop_count(m: &Metrics, reason: &'static str) {
 
 pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
     let m = &dp.metrics;
-    let mut buf = vec![0u8; sys::MAX_DATAGRAM];
+    let mut buf = vec![0u8; sockopt::MAX_DATAGRAM];
     // Each flow's queue; a closed one means the flow's task has ended.
     let mut flows: FlowTable<Key, mpsc::Sender<Vec<u8>>> = FlowTable::default();
     let mut replies: HashMap<OrigDst, Weak<UdpSocket>> = HashMap::new();
@@ -69,7 +69,7 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
     loop {
         let r = sock
             .async_io(Interest::READABLE, || {
-                sys::recv_with_orig_dst(sock.as_fd(), &mut buf)
+                sockopt::recv_with_orig_dst(sock.as_fd(), &mut buf)
             })
             .await;
         let r = match r {
@@ -128,7 +128,7 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
             .as_mut()
             .map(|c| c.udp_orig_dst(key.0 .0, key.1 .0))
         {
-            Some(Ok(Some(a))) => OrigDst(sys::unmap(a)),
+            Some(Ok(Some(a))) => OrigDst(sockopt::unmap(a)),
             Some(Err(e)) => {
                 debug!(client = %key.0, orig_dst = %key.1, error = %e, "conntrack lookup failed");
                 key.1

@@ -3,15 +3,18 @@
 //!
 //! - `listen`: creating the transparent TCP/UDP sockets ([`Listeners::bind`]).
 //! - `upstream`: which address and mark a flow's upstream gets, and the marked connect.
-//! - `tcp`: the accept loop and one task per connection (relayed by `crate::relay`).
+//! - `tcp`: the accept loop and one task per connection (relayed by `crate::dataplane::relay`).
 //! - `udp`: the receive loop, the flows and the reply sockets; `flow_table`: the UDP flow table
 //!   and its eviction order.
 //!
 //! Reload: the daemon publishes a new [`Runtime`] on a `watch` channel. Each new flow reads the
 //! current one when it starts; established flows keep the routes they started with.
 
+pub mod fdlimit;
 mod flow_table;
 mod listen;
+pub mod relay;
+pub mod sockopt;
 mod tcp;
 mod udp;
 mod upstream;
@@ -28,7 +31,7 @@ use tracing::{info, warn};
 
 use crate::classify::Classifier;
 use crate::config::{self, Config};
-use crate::fdlimit::Pressure;
+use crate::dataplane::fdlimit::Pressure;
 use crate::metrics::Metrics;
 
 pub use listen::{ListenError, Listeners};

@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
 
-use crate::sys;
+use crate::dataplane::sockopt;
 
 /// TCP accept backlog (the kernel caps it at net.core.somaxconn).
 const BACKLOG: i32 = 4096;
@@ -148,7 +148,7 @@ fn transparent_socket(
         opt("IPV6_V6ONLY", sock.set_only_v6(true))?;
     }
     opt("SO_REUSEADDR", sock.set_reuse_address(true))?;
-    sys::set_transparent(&sock, v6).map_err(|source| ListenError::Transparent {
+    sockopt::set_transparent(&sock, v6).map_err(|source| ListenError::Transparent {
         option: if v6 {
             "IPV6_TRANSPARENT"
         } else {
@@ -164,7 +164,7 @@ fn transparent_socket(
         } else {
             "IP_RECVORIGDSTADDR"
         };
-        opt(name, sys::set_recv_orig_dst(&sock, v6))?;
+        opt(name, sockopt::set_recv_orig_dst(&sock, v6))?;
         // Best effort: bursts of DNS queries should not overflow the default buffer.
         let _ = sock.set_recv_buffer_size(UDP_RCVBUF);
     }
@@ -190,8 +190,8 @@ fn transparent_socket(
 fn tcp(addr: SocketAddr) -> Result<TcpListener, ListenError> {
     let sock = transparent_socket(addr, Type::STREAM, "tcp")?;
     // Accepted sockets inherit TCP_NODELAY and the keepalive settings from the listener
-    // (`sys::tests::accepted_sockets_inherit_tcp_tuning`): set once here, not per connection.
-    sys::tcp_tuning(socket2::SockRef::from(&sock)).map_err(|source| ListenError::Option {
+    // (`sockopt::tests::accepted_sockets_inherit_tcp_tuning`): set once here, not per connection.
+    sockopt::tcp_tuning(socket2::SockRef::from(&sock)).map_err(|source| ListenError::Option {
         option: "TCP_NODELAY/SO_KEEPALIVE",
         proto: "tcp",
         addr,

@@ -88,8 +88,8 @@ impl RouteMonitor {
 mod tests {
     use super::*;
     use crate::config::ROUTE_PROTOCOL;
+    use crate::kernel::route::message::{route_message, rule_message};
     use crate::model::{Family, FwMark, IpRule, LocalRoute, TableId};
-    use crate::route::message::{route_message, rule_message};
 
     fn wrap(m: RouteNetlinkMessage) -> NetlinkMessage<RouteNetlinkMessage> {
         NetlinkMessage::from(m)

@@ -77,8 +77,10 @@ impl NftMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::wire::{begin_msg, end_msg, nft_type, put_attr, put_strz};
-    use crate::nft::wire::{NFTA_GEN_ID, NFT_MSG_DELTABLE, NFT_MSG_NEWRULE, NFT_MSG_NEWSETELEM};
+    use crate::kernel::nft::wire::{begin_msg, end_msg, nft_type, put_attr, put_strz};
+    use crate::kernel::nft::wire::{
+        NFTA_GEN_ID, NFT_MSG_DELTABLE, NFT_MSG_NEWRULE, NFT_MSG_NEWSETELEM,
+    };
 
     const INET: u8 = 1;
     const IP: u8 = 2;

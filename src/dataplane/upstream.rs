@@ -25,8 +25,8 @@ use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use super::{ClientAddr, OrigDst, Runtime};
 use crate::classify::Decision;
 use crate::config::Action;
+use crate::dataplane::sockopt;
 use crate::model::Proto;
-use crate::sys;
 
 /// Route name used for flows no route matches (accepted under an older ruleset, or bypassed
 /// in a reload race): they go directly to their original destination (fail-open).
@@ -100,12 +100,12 @@ pub async fn connect_tcp(
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
-    sys::set_mark(&sock, plan.mark)?;
+    sockopt::set_mark(&sock, plan.mark)?;
     // Latency matters from the first byte; keepalive is armed by the relay once the flow has
     // lived a while (`relay::KEEPALIVE_ARM_AFTER`).
     sock.set_tcp_nodelay(true)?;
     if plan.bind_client {
-        sys::set_transparent(&sock, plan.target.is_ipv6())?;
+        sockopt::set_transparent(&sock, plan.target.is_ipv6())?;
         sock.bind(&SocketAddr::new(client.0.ip(), 0).into())?;
     }
     let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
@@ -125,7 +125,7 @@ pub fn udp_upstream(target: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
         Type::DGRAM.nonblocking(),
         Some(Protocol::UDP),
     )?;
-    sys::set_mark(&sock, mark)?;
+    sockopt::set_mark(&sock, mark)?;
     let any: IpAddr = if target.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
@@ -150,8 +150,8 @@ pub fn reply_socket(orig: OrigDst, mark: u32) -> io::Result<UdpSocket> {
         sock.set_only_v6(true)?;
     }
     sock.set_reuse_address(true)?;
-    sys::set_transparent(&sock, v6)?;
-    sys::set_mark(&sock, mark)?;
+    sockopt::set_transparent(&sock, v6)?;
+    sockopt::set_mark(&sock, mark)?;
     sock.set_nonblocking(true)?;
     sock.bind(&orig.0.into())?;
     UdpSocket::from_std(sock.into())

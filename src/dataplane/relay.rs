@@ -32,7 +32,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::config::RelayMode;
-use crate::sys;
+use crate::dataplane::sockopt;
 
 const BUF_START: usize = 8 * 1024;
 const BUF_MAX: usize = 256 * 1024;
@@ -147,7 +147,7 @@ pub async fn relay(
     };
     let arm_keepalive = async {
         tokio::time::sleep(KEEPALIVE_ARM_AFTER).await;
-        let _ = sys::set_keepalive(upstream.into());
+        let _ = sockopt::set_keepalive(upstream.into());
         std::future::pending::<()>().await
     };
     let end = tokio::select! {
@@ -156,8 +156,8 @@ pub async fn relay(
             Err(e) if is_normal_end(&e) => {
                 if e.kind() == io::ErrorKind::ConnectionReset {
                     // Pass the reset on to whichever side is still there.
-                    let _ = sys::set_reset_on_close(client.into());
-                    let _ = sys::set_reset_on_close(upstream.into());
+                    let _ = sockopt::set_reset_on_close(client.into());
+                    let _ = sockopt::set_reset_on_close(upstream.into());
                 }
                 End::Reset(e.kind())
             }
@@ -284,12 +284,12 @@ const PIPE_SIZE: usize = 1 << 20;
 async fn pump_splice(d: Dir<'_>) -> io::Result<()> {
     let (from, to) = (d.from, d.to);
     use std::os::fd::AsFd;
-    let mut pipe: Option<sys::Pipe> = None;
+    let mut pipe: Option<sockopt::Pipe> = None;
     loop {
         from.readable().await?;
         let p = match &pipe {
             Some(p) => p,
-            None => match sys::Pipe::new(PIPE_SIZE) {
+            None => match sockopt::Pipe::new(PIPE_SIZE) {
                 Ok(p) => pipe.insert(p),
                 // Out of descriptors: copy through user space instead (nothing read yet).
                 Err(_) => return pump(d, false).await,

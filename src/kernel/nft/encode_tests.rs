@@ -3,12 +3,12 @@
 
 use super::*;
 use crate::config::Config;
+use crate::kernel::nft::text::rule_debug;
 use crate::model::{PortRange, Set};
-use crate::nft::text::rule_debug;
 
 fn local_config() -> Config {
     Config::parse(
-        include_str!("../../rulesets/local.netlink.toml"),
+        include_str!("../../../rulesets/local.netlink.toml"),
         "rulesets/local.netlink.toml",
     )
     .expect("test config is valid")
@@ -51,7 +51,7 @@ fn default_rules_match_nft_expression_for_expression() {
     let batch = encode(&table).unwrap();
     assert_same_lines(
         &rules_debug(&batch),
-        &golden(include_str!("../../rulesets/default.netlink.txt")),
+        &golden(include_str!("../../../rulesets/default.netlink.txt")),
     );
 }
 
@@ -61,7 +61,7 @@ fn local_config_rules_match_nft_expression_for_expression() {
     let batch = encode(&table).unwrap();
     assert_same_lines(
         &rules_debug(&batch),
-        &golden(include_str!("../../rulesets/local.netlink.txt")),
+        &golden(include_str!("../../../rulesets/local.netlink.txt")),
     );
 }
 

@@ -4,14 +4,19 @@
 //! packet without its ip rule would be forwarded rather than delivered locally), and comes out
 //! after it. No decisions about *what* to install are made here: that is `plan`.
 
+pub mod conntrack;
+pub mod nft;
+pub mod route;
+pub mod sockdiag;
+
 use std::fmt;
 
 use crate::config::ROUTE_PROTOCOL;
 use crate::model::{Desired, TableId};
-use crate::nft::{self, Nft};
 use crate::plan::TABLE;
-use crate::route::{RouteChanges, RouteDrift, RouteError, RouteMonitor, Routing};
-use crate::sockdiag;
+use nft::Nft;
+use route::{RouteChanges, RouteDrift, RouteError, RouteMonitor, Routing};
+
 use crate::telemetry::chain;
 
 #[derive(Debug, thiserror::Error)]
