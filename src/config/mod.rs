@@ -43,6 +43,16 @@ pub const DEFAULT_TCP_IDLE_SECONDS: u64 = 3600;
 pub const DEFAULT_UDP_IDLE_SECONDS: u64 = 30;
 pub const DEFAULT_MAX_UDP_FLOWS: usize = 16384;
 pub const DEFAULT_UDP_QUEUE: usize = 128;
+/// Concurrent TCP flows one source (an IPv4 address or an IPv6 /64) may hold: one eighth of
+/// `DEFAULT_MAX_TCP_FLOWS`, so that at least eight sources are needed to fill etp, and far above
+/// what one pod's connection pools hold on a busy node (hundreds).
+pub const DEFAULT_MAX_TCP_FLOWS_PER_SOURCE: usize = 8192;
+/// Concurrent UDP flows one source may hold: one eighth of `DEFAULT_MAX_UDP_FLOWS`.
+pub const DEFAULT_MAX_UDP_FLOWS_PER_SOURCE: usize = 2048;
+/// New intercepted flows (TCP connections and UDP flows) one source may open per second, with a
+/// burst of the same size: a resolver that opens a new source port per query at 2,000 queries/s
+/// stays under it; a flood or a scanner does not.
+pub const DEFAULT_NEW_FLOWS_PER_SOURCE_PER_SECOND: u32 = 2000;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +129,15 @@ pub struct Limits {
     /// Threads of the data path's runtime (`limits.worker_threads`); 0 picks
     /// [`Limits::worker_threads_auto`]. Read at start only.
     pub worker_threads: usize,
+    /// Concurrent TCP flows per source address (IPv6: per /64); 0 = no per-source limit.
+    pub max_tcp_flows_per_source: usize,
+    /// Concurrent UDP flows per source address (IPv6: per /64); 0 = no per-source limit.
+    pub max_udp_flows_per_source: usize,
+    /// New flows per second per source address (IPv6: per /64), burst of the same size;
+    /// 0 = no rate limit.
+    pub new_flows_per_source_per_second: u32,
+    /// Sources exempt from the per-source limits (e.g. the node's own addresses).
+    pub trusted_sources: Vec<IpNetwork>,
 }
 
 impl Limits {

@@ -193,3 +193,54 @@ fn worker_threads_default_to_half_the_cpus_and_are_bounded() {
     let got = err(&format!("[limits]\nworker_threads = -1\n{GOOD_ROUTE}"));
     assert!(got.starts_with("t.toml:2: limits.worker_threads:"), "{got}");
 }
+
+#[test]
+fn per_source_limits_have_defaults_accept_zero_and_refuse_bad_values() {
+    let d = Config::embedded();
+    assert_eq!(
+        d.limits.max_tcp_flows_per_source,
+        DEFAULT_MAX_TCP_FLOWS_PER_SOURCE
+    );
+    assert_eq!(
+        d.limits.max_udp_flows_per_source,
+        DEFAULT_MAX_UDP_FLOWS_PER_SOURCE
+    );
+    assert_eq!(
+        d.limits.new_flows_per_source_per_second,
+        DEFAULT_NEW_FLOWS_PER_SOURCE_PER_SECOND
+    );
+    assert!(d.limits.trusted_sources.is_empty());
+    let set = Config::parse(
+        &format!(
+            "[limits]\nmax_tcp_flows_per_source = 0\nmax_udp_flows_per_source = 7\n\
+             new_flows_per_source_per_second = 0\n\
+             trusted_sources = [\"10.0.0.1\", \"fd00::/64\"]\n{GOOD_ROUTE}"
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(set.limits.max_tcp_flows_per_source, 0, "0 turns it off");
+    assert_eq!(set.limits.max_udp_flows_per_source, 7);
+    assert_eq!(set.limits.new_flows_per_source_per_second, 0);
+    assert_eq!(
+        set.limits.trusted_sources,
+        vec![
+            "10.0.0.1/32".parse::<IpNetwork>().unwrap(),
+            "fd00::/64".parse().unwrap()
+        ]
+    );
+    let got = err(&format!(
+        "[limits]\nmax_udp_flows_per_source = -3\n{GOOD_ROUTE}"
+    ));
+    assert!(
+        got.starts_with("t.toml:2: limits.max_udp_flows_per_source:"),
+        "{got}"
+    );
+    let got = err(&format!(
+        "[limits]\ntrusted_sources = [\"10.0.0.1/8\"]\n{GOOD_ROUTE}"
+    ));
+    assert!(
+        got.starts_with("t.toml:2: limits.trusted_sources:"),
+        "{got}"
+    );
+}

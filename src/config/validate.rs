@@ -97,6 +97,10 @@ struct RawLimits {
     udp_queue: Option<S<i64>>,
     relay: Option<S<String>>,
     worker_threads: Option<S<i64>>,
+    max_tcp_flows_per_source: Option<S<i64>>,
+    max_udp_flows_per_source: Option<S<i64>>,
+    new_flows_per_source_per_second: Option<S<i64>>,
+    trusted_sources: Option<Vec<S<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +279,35 @@ impl RawConfig {
             )? as usize,
             worker_threads: int(cx, l.worker_threads, "limits.worker_threads", 0, 0, 1024)?
                 as usize,
+            max_tcp_flows_per_source: int(
+                cx,
+                l.max_tcp_flows_per_source,
+                "limits.max_tcp_flows_per_source",
+                DEFAULT_MAX_TCP_FLOWS_PER_SOURCE as i64,
+                0,
+                10_000_000,
+            )? as usize,
+            max_udp_flows_per_source: int(
+                cx,
+                l.max_udp_flows_per_source,
+                "limits.max_udp_flows_per_source",
+                DEFAULT_MAX_UDP_FLOWS_PER_SOURCE as i64,
+                0,
+                10_000_000,
+            )? as usize,
+            new_flows_per_source_per_second: int(
+                cx,
+                l.new_flows_per_source_per_second,
+                "limits.new_flows_per_source_per_second",
+                DEFAULT_NEW_FLOWS_PER_SOURCE_PER_SECOND as i64,
+                0,
+                10_000_000,
+            )? as u32,
+            trusted_sources: cidrs(
+                cx,
+                l.trusted_sources.unwrap_or_default(),
+                "limits.trusted_sources",
+            )?,
             relay: match l.relay {
                 None => RelayMode::Adaptive,
                 Some(r) => match r.get_ref().as_str() {
