@@ -234,8 +234,8 @@ pub async fn run(source: Source) -> Result<(), DaemonError> {
     } else {
         (Monitor::none(), Vec::new())
     };
-    for error in failed {
-        warn!(%error, "change notifications unavailable: drift is repaired at the resync tick only");
+    for e in failed {
+        warn!(error = %chain(&e), "change notifications unavailable: drift is repaired at the resync tick only");
     }
     let mut d = Daemon {
         monitor,

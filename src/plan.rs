@@ -5,14 +5,12 @@
 //! and address family it has destinations for.
 
 use crate::classify::{AddrSets, Classifier, PortSet, Selector};
-use crate::config::{Action, Config, ROUTE_PROTOCOL};
+use crate::config::{Action, Config, COMMENT_DRAIN, COMMENT_FAIL_CLOSED, COMMENT_LOCAL};
 use crate::model::{
     Chain, ChainType, Desired, Family, FwMark, Hook, IpRule, LocalRoute, Match, Proto, Rule, Set,
-    SetElems, Table, Verdict,
+    SetElems, Table, Verdict, ROUTE_PROTOCOL, TABLE,
 };
 
-/// etp's table name (`table inet etp`).
-pub const TABLE: &str = "etp";
 /// Chain names as `nft list` shows them.
 pub const CHAIN_PREROUTING: &str = "prerouting";
 pub const CHAIN_OUTPUT: &str = "output";
@@ -151,13 +149,13 @@ fn route_rules(
                 pre.push(Rule {
                     matches: pre_matches.clone(),
                     verdict: Verdict::Drop,
-                    comment: format!("{} (fail-closed)", r.comment(*proto)),
+                    comment: format!("{}{COMMENT_FAIL_CLOSED}", r.comment(*proto)),
                 });
             }
             out.push(Rule {
                 matches,
                 verdict: Verdict::SetMark(k.tproxy_mark),
-                comment: format!("{} (local)", r.comment(*proto)),
+                comment: format!("{}{COMMENT_LOCAL}", r.comment(*proto)),
             });
         }
     }
@@ -269,7 +267,7 @@ pub fn plan_drain(cfg: &Config) -> Desired {
                 for rule in &mut chain.rules {
                     if matches!(rule.verdict, Verdict::SetMark(_)) {
                         rule.matches.insert(0, Match::CtEstablished);
-                        rule.comment = format!("{} (drain)", rule.comment);
+                        rule.comment = format!("{}{COMMENT_DRAIN}", rule.comment);
                     }
                 }
             }

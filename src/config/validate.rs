@@ -12,7 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::*;
-use crate::model::{FwMark, PortRange, Proto, TableId, COMMENT_MAX, COMMENT_SUFFIX_LONGEST};
+use crate::model::{FwMark, PortRange, Proto, RelayMode, TableId, COMMENT_MAX};
 
 type S<T> = Spanned<T>;
 
@@ -739,8 +739,7 @@ fn check_comment_length(
     name_span: Range<usize>,
 ) -> Result<(), ConfigError> {
     for proto in &route.protocols {
-        // The longest variant the planner writes: the drain table's local rule.
-        let c = format!("{}{COMMENT_SUFFIX_LONGEST}", route.comment(*proto));
+        let c = route.longest_comment(*proto);
         if c.len() > COMMENT_MAX {
             return Err(rcx.err(
                 name_span.clone(),

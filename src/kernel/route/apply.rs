@@ -22,7 +22,7 @@ use super::message::{
     diff, route_dump_request, route_message, rule_message, Entry, RouteView, RuleView, LOOPBACK,
 };
 use super::{RouteChanges, RouteDrift, RouteError};
-use crate::config::ROUTE_PROTOCOL;
+use crate::model::ROUTE_PROTOCOL;
 use crate::model::{Family, IpRule, LocalRoute};
 
 /// A dumped entry, kept whole: deleting echoes the kernel's own message back (what `ip rule
