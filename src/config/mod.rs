@@ -51,8 +51,8 @@ pub struct Config {
     pub linkerd: Linkerd,
     pub admin: Admin,
     pub bypass: Bypass,
-    pub kernel: Kernel,
-    pub daemon: Daemon,
+    pub kernel: KernelIds,
+    pub daemon: DaemonOptions,
     pub limits: Limits,
     pub routes: Vec<Route>,
 }
@@ -81,8 +81,9 @@ pub struct Bypass {
     pub ports: Vec<PortRange>,
 }
 
+/// `[kernel]`: the marks, route table and rule priority etp claims in the kernel.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Kernel {
+pub struct KernelIds {
     pub mark_mask: FwMark,
     pub tproxy_mark: FwMark,
     pub own_mark: FwMark,
@@ -91,8 +92,9 @@ pub struct Kernel {
     pub rule_priority: u32,
 }
 
+/// `[daemon]`: drain, resync, pid file, fail-closed and change notifications.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Daemon {
+pub struct DaemonOptions {
     pub drain_timeout: Duration,
     pub resync_interval: Duration,
     pub pid_file: PathBuf,

@@ -245,8 +245,8 @@ impl RawBypass {
 }
 
 impl RawDaemon {
-    fn validate(self, cx: &Cx<'_>) -> Result<Daemon, ConfigError> {
-        Ok(Daemon {
+    fn validate(self, cx: &Cx<'_>) -> Result<DaemonOptions, ConfigError> {
+        Ok(DaemonOptions {
             drain_timeout: Duration::from_secs(int(
                 cx,
                 self.drain_seconds,
@@ -374,7 +374,7 @@ fn validate_routes(
 }
 
 impl RawKernel {
-    fn validate(self, cx: &Cx<'_>) -> Result<Kernel, ConfigError> {
+    fn validate(self, cx: &Cx<'_>) -> Result<KernelIds, ConfigError> {
         let max = u32::MAX as i64;
         let span_of = |s: &Option<S<i64>>| s.as_ref().map(|s| s.span()).unwrap_or(0..0);
         let spans = [
@@ -477,7 +477,7 @@ impl RawKernel {
             1,
             32765,
         )? as u32;
-        Ok(Kernel {
+        Ok(KernelIds {
             mark_mask: FwMark(mask),
             tproxy_mark: FwMark(tproxy),
             own_mark: FwMark(own),

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::flow_table::{FlowTable, Room};
-use super::upstream::{plan_flow, reply_socket, udp_upstream, FlowPlan};
+use super::upstream::{decide_flow, reply_socket, udp_upstream, FlowDecision};
 use super::{ClientAddr, Dataplane, FlowGuard, OrigDst};
 use crate::dataplane::sockopt;
 use crate::kernel::conntrack::Conntrack;
@@ -174,21 +174,21 @@ impl<'a> RecvLoop<'a> {
         let rt = dp.current();
         self.make_room(rt.limits.max_udp_flows);
         let asked = self.asked_destination(&key);
-        let plan = plan_flow(&rt, Proto::Udp, key.0, asked);
+        let decision = decide_flow(&rt, Proto::Udp, key.0, asked);
         let Some(reply) = self.reply_socket(key.1, rt.kernel.own_mark.0) else {
             return;
         };
-        let up = match udp_upstream(plan.target, plan.mark) {
+        let up = match udp_upstream(decision.target, decision.mark) {
             Ok(u) => u,
             Err(e) => {
                 let kind = ErrorKind::of(&e);
                 m.upstream_errors_total
                     .get_or_create(&ErrorLabels {
-                        route: plan.route.clone(),
+                        route: decision.route.clone(),
                         kind: kind.as_str(),
                     })
                     .inc();
-                debug!(client = %key.0, orig_dst = %key.1, upstream = %plan.target, error = %e,
+                debug!(client = %key.0, orig_dst = %key.1, upstream = %decision.target, error = %e,
                     "udp upstream socket failed");
                 drop_count(m, "upstream");
                 return;
@@ -200,7 +200,7 @@ impl<'a> RecvLoop<'a> {
         let f = Flow {
             client: key.0,
             orig: asked,
-            plan,
+            decision,
             up,
             reply,
             idle: rt.limits.udp_idle_timeout,
@@ -273,7 +273,7 @@ impl<'a> RecvLoop<'a> {
 struct Flow {
     client: ClientAddr,
     orig: OrigDst,
-    plan: FlowPlan,
+    decision: FlowDecision,
     up: UdpSocket,
     reply: Arc<UdpSocket>,
     idle: Duration,
@@ -286,8 +286,8 @@ impl Flow {
         let start = Instant::now();
         let m = &self.metrics;
         let labels = FlowLabels {
-            route: self.plan.route.clone(),
-            action: self.plan.action.to_string(),
+            route: self.decision.route.clone(),
+            action: self.decision.action.to_string(),
             proto: "udp".to_string(),
         };
         m.flows_total.get_or_create(&labels).inc();
@@ -295,7 +295,7 @@ impl Flow {
         active.inc();
         let bytes = |direction| {
             Counter::clone(&m.bytes_total.get_or_create(&ByteLabels {
-                route: self.plan.route.clone(),
+                route: self.decision.route.clone(),
                 direction: Direction::as_str(direction),
             }))
         };
@@ -303,8 +303,8 @@ impl Flow {
             bytes(Direction::ClientToUpstream),
             bytes(Direction::UpstreamToClient),
         );
-        debug!(client = %self.client, orig_dst = %self.orig, route = %self.plan.route,
-            action = %self.plan.action, upstream = %self.plan.target, "udp flow started");
+        debug!(client = %self.client, orig_dst = %self.orig, route = %self.decision.route,
+            action = %self.decision.action, upstream = %self.decision.target, "udp flow started");
         let (mut sent, mut received) = (0u64, 0u64);
         let idle = tokio::time::sleep(self.idle);
         tokio::pin!(idle);
@@ -344,7 +344,7 @@ impl Flow {
             idle.as_mut().reset(tokio::time::Instant::now() + self.idle);
         };
         active.dec();
-        debug!(client = %self.client, orig_dst = %self.orig, route = %self.plan.route,
+        debug!(client = %self.client, orig_dst = %self.orig, route = %self.decision.route,
             bytes_to_upstream = sent, bytes_to_client = received,
             duration_ms = start.elapsed().as_millis() as u64, end, "udp flow closed");
     }

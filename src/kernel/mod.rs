@@ -4,10 +4,10 @@
 //! packet without its ip rule would be forwarded rather than delivered locally), and comes out
 //! after it. No decisions about *what* to install are made here: that is `plan`.
 
-pub mod conntrack;
+pub(crate) mod conntrack;
 pub mod nft;
 pub mod route;
-pub mod sockdiag;
+pub(crate) mod sockdiag;
 
 use std::fmt;
 
@@ -42,7 +42,7 @@ pub struct Applied {
 /// One difference between the kernel and the desired state.
 #[derive(Debug)]
 pub enum Drift {
-    Nft(nft::Drift),
+    Nft(nft::TableDrift),
     Route(RouteDrift),
 }
 

@@ -16,7 +16,7 @@ use crate::model::{Set, Table};
 
 /// A difference between the kernel and the desired table.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Drift {
+pub enum TableDrift {
     MissingTable {
         table: String,
     },
@@ -63,28 +63,28 @@ pub enum Drift {
     },
 }
 
-impl fmt::Display for Drift {
+impl fmt::Display for TableDrift {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Drift::MissingTable { table } => write!(f, "missing table inet {table}"),
-            Drift::MissingChain { chain } => write!(f, "missing chain {chain}"),
-            Drift::ExtraChain { chain } => write!(f, "extra chain {chain}"),
-            Drift::ChangedChain { chain, want, have } => {
+            TableDrift::MissingTable { table } => write!(f, "missing table inet {table}"),
+            TableDrift::MissingChain { chain } => write!(f, "missing chain {chain}"),
+            TableDrift::ExtraChain { chain } => write!(f, "extra chain {chain}"),
+            TableDrift::ChangedChain { chain, want, have } => {
                 write!(f, "changed chain {chain}: want {want}, have {have}")
             }
-            Drift::MissingSet { set } => write!(f, "missing set {set}"),
-            Drift::ExtraSet { set } => write!(f, "extra set {set}"),
-            Drift::ChangedSet { set, want, have } => {
+            TableDrift::MissingSet { set } => write!(f, "missing set {set}"),
+            TableDrift::ExtraSet { set } => write!(f, "extra set {set}"),
+            TableDrift::ChangedSet { set, want, have } => {
                 write!(f, "changed set {set}: want {want}, have {have}")
             }
-            Drift::MissingRule {
+            TableDrift::MissingRule {
                 chain,
                 comment,
                 text,
             } => {
                 write!(f, "missing rule in chain {chain}: \"{comment}\": {text}")
             }
-            Drift::ExtraRule {
+            TableDrift::ExtraRule {
                 chain,
                 handle,
                 comment,
@@ -93,8 +93,12 @@ impl fmt::Display for Drift {
                 f,
                 "extra rule in chain {chain} (handle {handle}): \"{comment}\": {text}"
             ),
-            Drift::MissingElement { set, elem } => write!(f, "missing element {elem} in set {set}"),
-            Drift::ExtraElement { set, elem } => write!(f, "extra element {elem} in set {set}"),
+            TableDrift::MissingElement { set, elem } => {
+                write!(f, "missing element {elem} in set {set}")
+            }
+            TableDrift::ExtraElement { set, elem } => {
+                write!(f, "extra element {elem} in set {set}")
+            }
         }
     }
 }
@@ -285,17 +289,17 @@ fn diff_rules<'a>(
 }
 
 /// Chains: missing, changed (type, hook, priority) and extra.
-fn audit_chains(table: &Table, current: &Current, drift: &mut Vec<Drift>) {
+fn audit_chains(table: &Table, current: &Current, drift: &mut Vec<TableDrift>) {
     for c in &table.chains {
         let want = chain_desc(&c.kind.to_string(), &c.hook.to_string(), c.priority);
         match current.chains.iter().find(|k| k.name == c.name) {
-            None => drift.push(Drift::MissingChain {
+            None => drift.push(TableDrift::MissingChain {
                 chain: c.name.clone(),
             }),
             Some(k) => {
                 let have = chain_desc(&k.kind, &hook_name(k.hook), k.priority);
                 if have != want {
-                    drift.push(Drift::ChangedChain {
+                    drift.push(TableDrift::ChangedChain {
                         chain: c.name.clone(),
                         want,
                         have,
@@ -306,7 +310,7 @@ fn audit_chains(table: &Table, current: &Current, drift: &mut Vec<Drift>) {
     }
     for k in &current.chains {
         if !table.chains.iter().any(|c| c.name == k.name) {
-            drift.push(Drift::ExtraChain {
+            drift.push(TableDrift::ExtraChain {
                 chain: k.name.clone(),
             });
         }
@@ -329,7 +333,7 @@ fn want_rules(table: &Table) -> Result<Vec<Vec<RuleText>>, NftError> {
 
 /// A desired set against the kernel's: `false` (drift recorded) when it is missing or its
 /// key type, length or flags differ, so its elements are not worth comparing.
-fn audit_set_header(s: &Set, current: &Current, drift: &mut Vec<Drift>) -> bool {
+fn audit_set_header(s: &Set, current: &Current, drift: &mut Vec<TableDrift>) -> bool {
     let (kt, kl) = match &s.elems {
         crate::model::SetElems::V4(_) => (7, 4),
         crate::model::SetElems::V6(_) => (8, 16),
@@ -343,13 +347,13 @@ fn audit_set_header(s: &Set, current: &Current, drift: &mut Vec<Drift>) -> bool 
         .map(|k| (k.name.clone(), set_desc(k.key_type, k.key_len, k.flags)));
     match have {
         None => {
-            drift.push(Drift::MissingSet {
+            drift.push(TableDrift::MissingSet {
                 set: s.name.clone(),
             });
             false
         }
         Some((_, have)) if have != want => {
-            drift.push(Drift::ChangedSet {
+            drift.push(TableDrift::ChangedSet {
                 set: s.name.clone(),
                 want,
                 have,
@@ -362,10 +366,10 @@ fn audit_set_header(s: &Set, current: &Current, drift: &mut Vec<Drift>) -> bool 
 
 impl Nft {
     /// Compares the kernel's `table inet NAME` with `table`; empty when in sync.
-    pub fn audit(&mut self, table: &Table) -> Result<Vec<Drift>, NftError> {
+    pub fn audit(&mut self, table: &Table) -> Result<Vec<TableDrift>, NftError> {
         let name = table.name.as_str();
         if !self.table_exists(name)? {
-            return Ok(vec![Drift::MissingTable {
+            return Ok(vec![TableDrift::MissingTable {
                 table: name.to_string(),
             }]);
         }
@@ -380,7 +384,7 @@ impl Nft {
         }
         for k in &current.sets {
             if !table.sets.iter().any(|s| s.name == k.name) {
-                drift.push(Drift::ExtraSet {
+                drift.push(TableDrift::ExtraSet {
                     set: k.name.clone(),
                 });
             }
@@ -390,7 +394,7 @@ impl Nft {
 
     /// Rules, chain by chain: the desired text from our own encoding, the kernel's from a
     /// GETRULE dump, aligned in order.
-    fn audit_rules(&mut self, table: &Table, drift: &mut Vec<Drift>) -> Result<(), NftError> {
+    fn audit_rules(&mut self, table: &Table, drift: &mut Vec<TableDrift>) -> Result<(), NftError> {
         let want_rules = want_rules(table)?;
         let have_rules = self.have_rules(&table.name)?;
         for (ci, c) in table.chains.iter().enumerate() {
@@ -401,14 +405,14 @@ impl Nft {
                 .collect();
             let (missing, extra) = diff_rules(&want_rules[ci], &have);
             for r in missing {
-                drift.push(Drift::MissingRule {
+                drift.push(TableDrift::MissingRule {
                     chain: c.name.clone(),
                     comment: r.comment.clone().unwrap_or_default(),
                     text: r.exprs_line(),
                 });
             }
             for r in extra {
-                drift.push(Drift::ExtraRule {
+                drift.push(TableDrift::ExtraRule {
                     chain: c.name.clone(),
                     handle: r.handle,
                     comment: r.comment.clone().unwrap_or_default(),
@@ -442,7 +446,7 @@ impl Nft {
         &mut self,
         name: &str,
         s: &Set,
-        drift: &mut Vec<Drift>,
+        drift: &mut Vec<TableDrift>,
     ) -> Result<(), NftError> {
         let raw = self.dump(
             wire::NFT_MSG_GETSETELEM,
@@ -470,7 +474,7 @@ impl Nft {
                 }
                 std::cmp::Ordering::Less => {
                     let (a, b) = &want[i];
-                    drift.push(Drift::MissingElement {
+                    drift.push(TableDrift::MissingElement {
                         set: s.name.clone(),
                         elem: interval_text(a, b.as_deref()),
                     });
@@ -478,7 +482,7 @@ impl Nft {
                 }
                 std::cmp::Ordering::Greater => {
                     let (a, b) = &have[j];
-                    drift.push(Drift::ExtraElement {
+                    drift.push(TableDrift::ExtraElement {
                         set: s.name.clone(),
                         elem: interval_text(a, b.as_deref()),
                     });

@@ -74,11 +74,6 @@ impl Routing {
         Ok(routing)
     }
 
-    /// The ifindex of `lo` in this socket's namespace.
-    pub fn lo_index(&self) -> u32 {
-        self.lo_index
-    }
-
     async fn loopback_index(&self) -> Result<u32, RouteError> {
         let err = |source| RouteError::Loopback {
             name: LOOPBACK,
