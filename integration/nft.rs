@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::Netns;
 use etp::config::Config;
-use etp::kernel::nft::{Drift, Nft, NftError};
+use etp::kernel::nft::{Nft, NftError, TableDrift};
 use etp::model::{Chain, ChainType, FwMark, Hook, Match, Rule, Set, SetElems, Table, Verdict};
 
 const LOCAL_TOML: &str = include_str!("../rulesets/local.netlink.toml");
@@ -38,7 +38,7 @@ fn apply_in(ns: &Netns, table: &Table) -> Result<etp::kernel::nft::ApplyReport, 
     in_netns(ns, move || Nft::open()?.apply(&t, None))
 }
 
-fn audit_in(ns: &Netns, table: &Table) -> Vec<Drift> {
+fn audit_in(ns: &Netns, table: &Table) -> Vec<TableDrift> {
     let t = table.clone();
     in_netns(ns, move || Nft::open().and_then(|mut n| n.audit(&t))).expect("audit")
 }
@@ -358,13 +358,13 @@ fn audit_reports_outside_changes() {
     eprintln!("{}", text.join("\n"));
     assert_eq!(drift.len(), 3, "{text:?}");
     assert!(drift.iter().any(|d| matches!(d,
-        Drift::MissingRule { chain, comment, .. }
+        TableDrift::MissingRule { chain, comment, .. }
             if chain == "prerouting" && comment == "etp bypass: destinations")));
-    assert!(drift.contains(&Drift::MissingElement {
+    assert!(drift.contains(&TableDrift::MissingElement {
         set: "r0_frontend_dst4".into(),
         elem: "192.168.10.0/24".into()
     }));
-    assert!(drift.contains(&Drift::ExtraElement {
+    assert!(drift.contains(&TableDrift::ExtraElement {
         set: "bypass_ports".into(),
         elem: "7777".into()
     }));
@@ -379,7 +379,7 @@ fn audit_reports_outside_changes() {
     assert!(in_netns(&ns, || Nft::open()?.delete_table("etp")).unwrap());
     assert_eq!(
         audit_in(&ns, &table),
-        vec![Drift::MissingTable {
+        vec![TableDrift::MissingTable {
             table: "etp".into()
         }]
     );

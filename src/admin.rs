@@ -64,7 +64,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
 /// Serves until the task is dropped.
 ///
 /// At the descriptor limit the endpoint still answers: it keeps one descriptor in reserve
-/// ([`Spare`]), spends it on the connection that found the process out of descriptors, and
+/// (`fdlimit::Spare`), spends it on the connection that found the process out of descriptors, and
 /// takes it back when that connection closes. Probes and scrapes go on while the data path
 /// backs off.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {

@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::classify::Decision;
 use crate::config::{Config, ConfigError};
-use crate::dataplane::{Dataplane, ListenError, Listeners, Runtime};
+use crate::dataplane::{Dataplane, FlowPolicy, ListenError, Listeners};
 use crate::kernel::{Change, Kernel, KernelError, Monitor};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::model::{Desired, Proto};
@@ -139,7 +139,7 @@ struct Daemon {
     /// The generation id after etp's own last commit; a different one means someone else
     /// committed (maybe to another table) and an audit is due.
     generation: u32,
-    runtime_tx: watch::Sender<Arc<Runtime>>,
+    policy_tx: watch::Sender<Arc<FlowPolicy>>,
     dataplane: Arc<Dataplane>,
     serving: Serving,
     metrics: Arc<Metrics>,
@@ -151,10 +151,10 @@ struct Daemon {
 /// Fail-open stop, after the ruleset is gone: destroys the TIME-WAIT remnants of etp's
 /// client legs (client -> an original destination one of etp's routes selects), which
 /// would otherwise capture new, now forwarded SYNs with the same 4-tuple for 60 s.
-fn forget_client_legs(kernel: &mut Kernel, runtime: &Runtime) {
+fn forget_client_legs(kernel: &mut Kernel, policy: &FlowPolicy) {
     let ours = |tw: &crate::kernel::sockdiag::TimeWait| {
         matches!(
-            runtime
+            policy
                 .classifier
                 .classify(Proto::Tcp, tw.remote.ip(), tw.local),
             Decision::Route(_)
@@ -195,8 +195,8 @@ pub async fn run(source: Source) -> Result<(), DaemonError> {
 
     let listeners =
         Listeners::bind(cfg.listener.port, cfg.listener.ipv6).map_err(DaemonError::Listen)?;
-    let (runtime_tx, runtime_rx) = watch::channel(Arc::new(Runtime::new(&cfg)));
-    let dataplane = Arc::new(Dataplane::new(runtime_rx, Arc::clone(&metrics)));
+    let (policy_tx, policy_rx) = watch::channel(Arc::new(FlowPolicy::new(&cfg)));
+    let dataplane = Arc::new(Dataplane::new(policy_rx, Arc::clone(&metrics)));
     let serving = Serving::start(&dataplane, listeners, cfg.listener.port, cfg.listener.ipv6);
 
     let mut kernel = Kernel::connect().await.map_err(DaemonError::Connect)?;
@@ -234,8 +234,8 @@ pub async fn run(source: Source) -> Result<(), DaemonError> {
     } else {
         (Monitor::none(), Vec::new())
     };
-    for error in failed {
-        warn!(%error, "change notifications unavailable: drift is repaired at the resync tick only");
+    for e in failed {
+        warn!(error = %chain(&e), "change notifications unavailable: drift is repaired at the resync tick only");
     }
     let mut d = Daemon {
         monitor,
@@ -244,7 +244,7 @@ pub async fn run(source: Source) -> Result<(), DaemonError> {
         cfg,
         desired,
         kernel,
-        runtime_tx,
+        policy_tx,
         dataplane,
         serving,
         metrics,
@@ -354,10 +354,10 @@ impl Daemon {
             None
         };
         // Publish the new routes before the kernel sends flows under them.
-        let old_runtime = self.runtime_tx.send_replace(Arc::new(Runtime::new(&cfg)));
+        let old_policy = self.policy_tx.send_replace(Arc::new(FlowPolicy::new(&cfg)));
         // Sized at start (the runtime's threads, the flow semaphore): say so instead of
         // silently keeping the old value.
-        let (old, new) = (&old_runtime.limits, &cfg.limits);
+        let (old, new) = (&old_policy.limits, &cfg.limits);
         if old.worker_threads != new.worker_threads || old.max_tcp_flows != new.max_tcp_flows {
             warn!(
                 worker_threads = new.worker_threads,
@@ -376,7 +376,7 @@ impl Daemon {
                 }
             }
             Err(e) => {
-                self.runtime_tx.send_replace(old_runtime);
+                self.policy_tx.send_replace(old_policy);
                 if let Some(s) = new_serving {
                     s.stop().await;
                 }
@@ -471,8 +471,8 @@ impl Daemon {
                         routing_entries = r.routing_entries,
                         "ruleset removed"
                     );
-                    let runtime = Arc::clone(&self.runtime_tx.borrow());
-                    forget_client_legs(&mut self.kernel, &runtime);
+                    let policy = Arc::clone(&self.policy_tx.borrow());
+                    forget_client_legs(&mut self.kernel, &policy);
                 }
                 Err(e) => error!(error = %chain(&e), "removing the ruleset"),
             }

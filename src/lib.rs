@@ -14,13 +14,13 @@
 //!   `cli`, `metrics`, `telemetry`
 
 pub mod admin;
-pub mod classify;
+mod classify;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod dataplane;
+mod dataplane;
 pub mod kernel;
-pub mod metrics;
+mod metrics;
 pub mod model;
 pub mod plan;
 pub mod telemetry;

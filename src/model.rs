@@ -276,9 +276,12 @@ pub struct Rule {
 
 /// Longest rule comment nft stores (NFTNL_UDATA_COMMENT_MAXLEN, including the NUL).
 pub const COMMENT_MAX: usize = 127;
-/// The longest suffix the planner appends to a route's comment (`plan_drain` on a local rule;
-/// `" (fail-closed)"` is shorter); config validation keeps room for it.
-pub const COMMENT_SUFFIX_LONGEST: &str = " (local) (drain)";
+
+/// etp's table name (`table inet etp`): what apply, audit, cleanup and the monitor look for.
+pub const TABLE: &str = "etp";
+/// The rtnetlink protocol number that tags etp's ip rules and routes (audit and cleanup find
+/// exactly these).
+pub const ROUTE_PROTOCOL: u8 = 231;
 
 /// etp's one table (`table inet etp`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -495,4 +498,16 @@ impl fmt::Display for Desired {
         }
         write!(f, "{}", self.table)
     }
+}
+
+/// How the TCP relay moves bytes (`[limits] relay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayMode {
+    /// Buffered copy first; splice(2) once a direction keeps filling its buffer (bulk).
+    #[default]
+    Adaptive,
+    /// Always the buffered copy through user space.
+    Copy,
+    /// Always splice(2) through a pipe per direction.
+    Splice,
 }

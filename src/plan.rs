@@ -5,14 +5,12 @@
 //! and address family it has destinations for.
 
 use crate::classify::{AddrSets, Classifier, PortSet, Selector};
-use crate::config::{Action, Config, ROUTE_PROTOCOL};
+use crate::config::{Action, Config, COMMENT_DRAIN, COMMENT_FAIL_CLOSED, COMMENT_LOCAL};
 use crate::model::{
     Chain, ChainType, Desired, Family, FwMark, Hook, IpRule, LocalRoute, Match, Proto, Rule, Set,
-    SetElems, Table, Verdict,
+    SetElems, Table, Verdict, ROUTE_PROTOCOL, TABLE,
 };
 
-/// etp's table name (`table inet etp`).
-pub const TABLE: &str = "etp";
 /// Chain names as `nft list` shows them.
 pub const CHAIN_PREROUTING: &str = "prerouting";
 pub const CHAIN_OUTPUT: &str = "output";
@@ -37,23 +35,10 @@ pub fn plan(cfg: &Config) -> Desired {
 
 /// Plans from an already-built classifier (the daemon keeps the one it routes flows with).
 pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
-    let k = &cfg.kernel;
     let mut sets = Vec::new();
     let bypass = addr_sets(&mut sets, "bypass", &cls.bypass_destinations, "dst", cfg);
     let bypass_ports = port_set(&mut sets, "bypass_ports", &cls.bypass_ports);
-
-    let own = |comment: &str, value: FwMark| Rule {
-        matches: vec![Match::Mark {
-            mask: k.mark_mask,
-            value,
-        }],
-        verdict: Verdict::Return,
-        comment: comment.to_string(),
-    };
-    let own_rules = [
-        own("etp: etp's own sockets are never intercepted", k.own_mark),
-        own("etp: etp's hand-off connections to linkerd", k.handoff_mark),
-    ];
+    let own_rules = own_rules(cfg);
     let bypass_rules = bypass_rules(&bypass, bypass_ports.as_deref());
 
     let mut pre = own_rules.to_vec();
@@ -68,66 +53,118 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
     out.extend(bypass_rules);
 
     for sel in &cls.selectors {
-        let r = &sel.route;
-        let base = set_base(sel);
-        let dst = addr_sets(&mut sets, &base, &sel.destinations, "dst", cfg);
-        let src = addr_sets(&mut sets, &base, &sel.sources, "src", cfg);
-        let ports = port_set(&mut sets, &format!("{base}_ports"), &sel.ports)
-            .expect("validated routes have ports");
-        for proto in &r.protocols {
-            for (family, dset) in &dst {
-                let mut matches = Vec::new();
-                if let Some((_, sset)) = src.iter().find(|(f, _)| f == family) {
-                    matches.push(Match::Saddr {
-                        family: *family,
-                        set: sset.clone(),
-                    });
-                } else if !src.is_empty() {
-                    // Sources given, none of this family: the route cannot match it.
-                    continue;
-                }
-                matches.push(Match::Daddr {
-                    family: *family,
-                    set: dset.clone(),
-                });
-                matches.push(Match::Dport {
-                    proto: *proto,
-                    set: ports.clone(),
-                });
-                let mut pre_matches = matches.clone();
-                if *proto == Proto::Tcp {
-                    // Only the SYN is TPROXY'd: later packets of the flow must find the socket
-                    // by their post-NAT addresses (chain `established`), which a tproxy lookup
-                    // here, before any DNAT, cannot.
-                    pre_matches.push(Match::TcpSyn);
-                }
-                pre.push(Rule {
-                    matches: pre_matches.clone(),
-                    verdict: Verdict::Tproxy {
-                        family: *family,
-                        port: cfg.listener.port,
-                        mark: k.tproxy_mark,
-                    },
-                    comment: r.comment(*proto),
-                });
-                if cfg.daemon.fail_closed {
-                    // A tproxy statement that finds no socket (etp is down) does not match and
-                    // evaluation goes on: this rule then drops what the route selects.
-                    pre.push(Rule {
-                        matches: pre_matches.clone(),
-                        verdict: Verdict::Drop,
-                        comment: format!("{} (fail-closed)", r.comment(*proto)),
-                    });
-                }
-                out.push(Rule {
-                    matches,
-                    verdict: Verdict::SetMark(k.tproxy_mark),
-                    comment: format!("{} (local)", r.comment(*proto)),
-                });
-            }
-        }
+        route_rules(cfg, sel, &mut sets, &mut pre, &mut out);
     }
 
+    let chains = chains(cfg, pre, out);
+    let families: &[Family] = if cfg.listener.ipv6 {
+        &[Family::V4, Family::V6]
+    } else {
+        &[Family::V4]
+    };
+    Desired {
+        table: Table {
+            name: TABLE.to_string(),
+            sets,
+            chains,
+        },
+        ip_rules: ip_rules(cfg, families),
+        routes: local_routes(cfg, families),
+    }
+}
+
+/// The first rules of both hooks: packets of etp's own sockets and of its hand-off
+/// connections are never intercepted.
+fn own_rules(cfg: &Config) -> [Rule; 2] {
+    let k = &cfg.kernel;
+    let own = |comment: &str, value: FwMark| Rule {
+        matches: vec![Match::Mark {
+            mask: k.mark_mask,
+            value,
+        }],
+        verdict: Verdict::Return,
+        comment: comment.to_string(),
+    };
+    [
+        own("etp: etp's own sockets are never intercepted", k.own_mark),
+        own("etp: etp's hand-off connections to linkerd", k.handoff_mark),
+    ]
+}
+
+/// One route's sets, and its rules per protocol and address family: a tproxy rule (plus a
+/// drop with `fail_closed`) in prerouting, a mark rule in output.
+fn route_rules(
+    cfg: &Config,
+    sel: &Selector,
+    sets: &mut Vec<Set>,
+    pre: &mut Vec<Rule>,
+    out: &mut Vec<Rule>,
+) {
+    let k = &cfg.kernel;
+    let r = &sel.route;
+    let base = set_base(sel);
+    let dst = addr_sets(sets, &base, &sel.destinations, "dst", cfg);
+    let src = addr_sets(sets, &base, &sel.sources, "src", cfg);
+    let ports =
+        port_set(sets, &format!("{base}_ports"), &sel.ports).expect("validated routes have ports");
+    for proto in &r.protocols {
+        for (family, dset) in &dst {
+            let mut matches = Vec::new();
+            if let Some((_, sset)) = src.iter().find(|(f, _)| f == family) {
+                matches.push(Match::Saddr {
+                    family: *family,
+                    set: sset.clone(),
+                });
+            } else if !src.is_empty() {
+                // Sources given, none of this family: the route cannot match it.
+                continue;
+            }
+            matches.push(Match::Daddr {
+                family: *family,
+                set: dset.clone(),
+            });
+            matches.push(Match::Dport {
+                proto: *proto,
+                set: ports.clone(),
+            });
+            let mut pre_matches = matches.clone();
+            if *proto == Proto::Tcp {
+                // Only the SYN is TPROXY'd: later packets of the flow must find the socket
+                // by their post-NAT addresses (chain `established`), which a tproxy lookup
+                // here, before any DNAT, cannot.
+                pre_matches.push(Match::TcpSyn);
+            }
+            pre.push(Rule {
+                matches: pre_matches.clone(),
+                verdict: Verdict::Tproxy {
+                    family: *family,
+                    port: cfg.listener.port,
+                    mark: k.tproxy_mark,
+                },
+                comment: r.comment(*proto),
+            });
+            if cfg.daemon.fail_closed {
+                // A tproxy statement that finds no socket (etp is down) does not match and
+                // evaluation goes on: this rule then drops what the route selects.
+                pre.push(Rule {
+                    matches: pre_matches.clone(),
+                    verdict: Verdict::Drop,
+                    comment: format!("{}{COMMENT_FAIL_CLOSED}", r.comment(*proto)),
+                });
+            }
+            out.push(Rule {
+                matches,
+                verdict: Verdict::SetMark(k.tproxy_mark),
+                comment: format!("{}{COMMENT_LOCAL}", r.comment(*proto)),
+            });
+        }
+    }
+}
+
+/// The chains: prerouting and established always, output with `listener.local`, the nat
+/// hand-off chain when a route hands flows to Linkerd.
+fn chains(cfg: &Config, pre: Vec<Rule>, out: Vec<Rule>) -> Vec<Chain> {
+    let k = &cfg.kernel;
     let mut chains = vec![
         Chain {
             name: CHAIN_PREROUTING.to_string(),
@@ -184,38 +221,35 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
             }],
         });
     }
+    chains
+}
 
-    let families: &[Family] = if cfg.listener.ipv6 {
-        &[Family::V4, Family::V6]
-    } else {
-        &[Family::V4]
-    };
-    Desired {
-        table: Table {
-            name: TABLE.to_string(),
-            sets,
-            chains,
-        },
-        ip_rules: families
-            .iter()
-            .map(|&family| IpRule {
-                family,
-                mark: k.tproxy_mark,
-                mask: k.mark_mask,
-                table: k.route_table,
-                priority: k.rule_priority,
-                protocol: ROUTE_PROTOCOL,
-            })
-            .collect(),
-        routes: families
-            .iter()
-            .map(|&family| LocalRoute {
-                family,
-                table: k.route_table,
-                protocol: ROUTE_PROTOCOL,
-            })
-            .collect(),
-    }
+/// One ip rule per family: tproxy-marked packets look up etp's route table.
+fn ip_rules(cfg: &Config, families: &[Family]) -> Vec<IpRule> {
+    let k = &cfg.kernel;
+    families
+        .iter()
+        .map(|&family| IpRule {
+            family,
+            mark: k.tproxy_mark,
+            mask: k.mark_mask,
+            table: k.route_table,
+            priority: k.rule_priority,
+            protocol: ROUTE_PROTOCOL,
+        })
+        .collect()
+}
+
+/// One `local default dev lo` route per family in etp's route table.
+fn local_routes(cfg: &Config, families: &[Family]) -> Vec<LocalRoute> {
+    families
+        .iter()
+        .map(|&family| LocalRoute {
+            family,
+            table: cfg.kernel.route_table,
+            protocol: ROUTE_PROTOCOL,
+        })
+        .collect()
 }
 
 /// The drain table, installed on SIGTERM in place of the full one: no tproxy rules (new
@@ -233,7 +267,7 @@ pub fn plan_drain(cfg: &Config) -> Desired {
                 for rule in &mut chain.rules {
                     if matches!(rule.verdict, Verdict::SetMark(_)) {
                         rule.matches.insert(0, Match::CtEstablished);
-                        rule.comment = format!("{} (drain)", rule.comment);
+                        rule.comment = format!("{}{COMMENT_DRAIN}", rule.comment);
                     }
                 }
             }

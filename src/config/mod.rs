@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ipnetwork::IpNetwork;
 
-use crate::model::{FwMark, PortRange, Proto, TableId};
+use crate::model::{FwMark, PortRange, Proto, RelayMode, TableId};
 
 /// Where etp looks for its config when `-c` is not given.
 pub const DEFAULT_PATH: &str = "/etc/etp/etp.toml";
@@ -32,8 +32,6 @@ pub const DEFAULT_HANDOFF_MARK: u32 = 0x3000;
 pub const DEFAULT_ROUTE_TABLE: u32 = 15001;
 /// Before the `main` table's rule (32766).
 pub const DEFAULT_RULE_PRIORITY: u32 = 30100;
-/// The rtnetlink protocol number that tags etp's ip rules and routes.
-pub const ROUTE_PROTOCOL: u8 = 231;
 pub const DEFAULT_DRAIN_SECONDS: u64 = 20;
 pub const DEFAULT_RESYNC_SECONDS: u64 = 30;
 pub const DEFAULT_PID_FILE: &str = "/run/etp/etp.pid";
@@ -63,8 +61,8 @@ pub struct Config {
     pub linkerd: Linkerd,
     pub admin: Admin,
     pub bypass: Bypass,
-    pub kernel: Kernel,
-    pub daemon: Daemon,
+    pub kernel: KernelIds,
+    pub daemon: DaemonOptions,
     pub limits: Limits,
     pub routes: Vec<Route>,
 }
@@ -93,8 +91,9 @@ pub struct Bypass {
     pub ports: Vec<PortRange>,
 }
 
+/// `[kernel]`: the marks, route table and rule priority etp claims in the kernel.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Kernel {
+pub struct KernelIds {
     pub mark_mask: FwMark,
     pub tproxy_mark: FwMark,
     pub own_mark: FwMark,
@@ -103,8 +102,9 @@ pub struct Kernel {
     pub rule_priority: u32,
 }
 
+/// `[daemon]`: drain, resync, pid file, fail-closed and change notifications.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Daemon {
+pub struct DaemonOptions {
     pub drain_timeout: Duration,
     pub resync_interval: Duration,
     pub pid_file: PathBuf,
@@ -154,18 +154,6 @@ impl Limits {
     }
 }
 
-/// How the TCP relay moves bytes (`[limits] relay`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RelayMode {
-    /// Buffered copy first; splice(2) once a direction keeps filling its buffer (bulk).
-    #[default]
-    Adaptive,
-    /// Always the buffered copy through user space.
-    Copy,
-    /// Always splice(2) through a pipe per direction.
-    Splice,
-}
-
 /// What happens to a flow a route selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -199,10 +187,21 @@ pub struct Route {
     pub preserve_source: bool,
 }
 
+/// Suffixes the planner appends to [`Route::comment`] on a route's other rules.
+pub const COMMENT_FAIL_CLOSED: &str = " (fail-closed)";
+pub const COMMENT_LOCAL: &str = " (local)";
+pub const COMMENT_DRAIN: &str = " (drain)";
+
 impl Route {
     /// The comment on this route's rules; `nft list ruleset` shows it.
     pub fn comment(&self, proto: Proto) -> String {
         format!("etp route {}: {} -> {}", self.name, proto, self.action)
+    }
+
+    /// The longest comment the planner writes for this route: the drain table's local rule
+    /// (`" (fail-closed)"` is shorter). Validation keeps it within what nft stores.
+    pub fn longest_comment(&self, proto: Proto) -> String {
+        format!("{}{COMMENT_LOCAL}{COMMENT_DRAIN}", self.comment(proto))
     }
 }
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::*;
-use crate::model::{FwMark, PortRange, Proto, TableId, COMMENT_MAX, COMMENT_SUFFIX_LONGEST};
+use crate::model::{FwMark, PortRange, Proto, RelayMode, TableId, COMMENT_MAX};
 
 type S<T> = Spanned<T>;
 
@@ -125,24 +125,53 @@ enum RawPort {
 
 impl RawConfig {
     pub(super) fn validate(self, cx: &Cx<'_>) -> Result<Config, ConfigError> {
+        let listener = self.listener.validate(cx)?;
+        let linkerd = self.linkerd.validate(cx, &listener)?;
+        let admin = self.admin.validate(cx, &listener, &linkerd)?;
+        let bypass = self.bypass.validate(cx)?;
+        let kernel = self.kernel.validate(cx)?;
+        let daemon = self.daemon.validate(cx)?;
+        let limits = self.limits.validate(cx)?;
+        let routes = validate_routes(cx, self.route, &listener)?;
+        Ok(Config {
+            source: cx.file.to_string(),
+            listener,
+            linkerd,
+            admin,
+            bypass,
+            kernel,
+            daemon,
+            limits,
+            routes,
+        })
+    }
+}
+
+impl RawListener {
+    fn validate(self, cx: &Cx<'_>) -> Result<Listener, ConfigError> {
         let port = int(
             cx,
-            self.listener.port,
+            self.port,
             "listener.port",
             DEFAULT_PORT as i64,
             1,
             65535,
         )? as u16;
-        let listener = Listener {
+        Ok(Listener {
             port,
-            ipv6: self.listener.ipv6.unwrap_or(true),
-            local: self.listener.local.unwrap_or(false),
-        };
-        let outbound_span = self.linkerd.outbound_port.as_ref().map(|s| s.span());
+            ipv6: self.ipv6.unwrap_or(true),
+            local: self.local.unwrap_or(false),
+        })
+    }
+}
+
+impl RawLinkerd {
+    fn validate(self, cx: &Cx<'_>, listener: &Listener) -> Result<Linkerd, ConfigError> {
+        let outbound_span = self.outbound_port.as_ref().map(|s| s.span());
         let linkerd = Linkerd {
             outbound_port: int(
                 cx,
-                self.linkerd.outbound_port,
+                self.outbound_port,
                 "linkerd.outbound_port",
                 DEFAULT_OUTBOUND_PORT as i64,
                 1,
@@ -150,7 +179,7 @@ impl RawConfig {
             )? as u16,
             proxy_uid: int(
                 cx,
-                self.linkerd.proxy_uid,
+                self.proxy_uid,
                 "linkerd.proxy_uid",
                 DEFAULT_PROXY_UID as i64,
                 0,
@@ -167,45 +196,64 @@ impl RawConfig {
                 ),
             ));
         }
-        let admin = match self.admin.address {
-            None => Admin {
+        Ok(linkerd)
+    }
+}
+
+impl RawAdmin {
+    /// `admin.address`: an IP:PORT that neither the listener nor Linkerd's outbound port uses.
+    fn validate(
+        self,
+        cx: &Cx<'_>,
+        listener: &Listener,
+        linkerd: &Linkerd,
+    ) -> Result<Admin, ConfigError> {
+        let Some(a) = self.address else {
+            return Ok(Admin {
                 address: DEFAULT_ADMIN.parse().expect("valid default"),
-            },
-            Some(a) => {
-                let span = a.span();
-                let address: SocketAddr = a.into_inner().parse().map_err(|_| {
-                    cx.err(
-                        span.clone(),
-                        "admin.address",
-                        "expected IP:PORT, e.g. \"127.0.0.1:15002\"",
-                    )
-                })?;
-                if address.port() == listener.port || address.port() == linkerd.outbound_port {
-                    return Err(cx.err(
-                        span,
-                        "admin.address",
-                        format!(
-                            "port {} is taken by the listener or Linkerd's outbound port",
-                            address.port()
-                        ),
-                    ));
-                }
-                Admin { address }
-            }
+            });
         };
-        let bypass = Bypass {
+        let span = a.span();
+        let address: SocketAddr = a.into_inner().parse().map_err(|_| {
+            cx.err(
+                span.clone(),
+                "admin.address",
+                "expected IP:PORT, e.g. \"127.0.0.1:15002\"",
+            )
+        })?;
+        if address.port() == listener.port || address.port() == linkerd.outbound_port {
+            return Err(cx.err(
+                span,
+                "admin.address",
+                format!(
+                    "port {} is taken by the listener or Linkerd's outbound port",
+                    address.port()
+                ),
+            ));
+        }
+        Ok(Admin { address })
+    }
+}
+
+impl RawBypass {
+    fn validate(self, cx: &Cx<'_>) -> Result<Bypass, ConfigError> {
+        Ok(Bypass {
             destinations: cidrs(
                 cx,
-                self.bypass.destinations.unwrap_or_default(),
+                self.destinations.unwrap_or_default(),
                 "bypass.destinations",
             )?,
-            ports: ports(cx, self.bypass.ports.unwrap_or_default(), "bypass.ports")?,
-        };
-        let kernel = self.kernel.validate(cx)?;
-        let daemon = Daemon {
+            ports: ports(cx, self.ports.unwrap_or_default(), "bypass.ports")?,
+        })
+    }
+}
+
+impl RawDaemon {
+    fn validate(self, cx: &Cx<'_>) -> Result<DaemonOptions, ConfigError> {
+        Ok(DaemonOptions {
             drain_timeout: Duration::from_secs(int(
                 cx,
-                self.daemon.drain_seconds,
+                self.drain_seconds,
                 "daemon.drain_seconds",
                 DEFAULT_DRAIN_SECONDS as i64,
                 0,
@@ -213,22 +261,26 @@ impl RawConfig {
             )? as u64),
             resync_interval: Duration::from_secs(int(
                 cx,
-                self.daemon.resync_seconds,
+                self.resync_seconds,
                 "daemon.resync_seconds",
                 DEFAULT_RESYNC_SECONDS as i64,
                 1,
                 86400,
             )? as u64),
             pid_file: PathBuf::from(
-                self.daemon
-                    .pid_file
+                self.pid_file
                     .unwrap_or_else(|| DEFAULT_PID_FILE.to_string()),
             ),
-            fail_closed: self.daemon.fail_closed.unwrap_or(false),
-            watch_kernel: self.daemon.watch_kernel.unwrap_or(true),
-        };
-        let l = self.limits;
-        let limits = Limits {
+            fail_closed: self.fail_closed.unwrap_or(false),
+            watch_kernel: self.watch_kernel.unwrap_or(true),
+        })
+    }
+}
+
+impl RawLimits {
+    fn validate(self, cx: &Cx<'_>) -> Result<Limits, ConfigError> {
+        let l = self;
+        Ok(Limits {
             max_tcp_flows: int(
                 cx,
                 l.max_tcp_flows,
@@ -323,38 +375,39 @@ impl RawConfig {
                     }
                 },
             },
-        };
-        let mut routes = Vec::new();
-        let mut names = HashSet::new();
-        for (i, r) in self.route.into_iter().enumerate() {
-            let span = r.span();
-            let name_span = r.get_ref().name.span();
-            let route = r.into_inner().validate(cx, i, span, &listener)?;
-            if !names.insert(route.name.clone()) {
-                return Err(cx.err(
-                    name_span,
-                    format!("route[{i}].name"),
-                    format!("duplicate route name {:?}: names label rules and metrics and must be unique", route.name),
-                ));
-            }
-            routes.push(route);
-        }
-        Ok(Config {
-            source: cx.file.to_string(),
-            listener,
-            linkerd,
-            admin,
-            bypass,
-            kernel,
-            daemon,
-            limits,
-            routes,
         })
     }
 }
 
+/// Every `[[route]]`, each validated, names unique.
+fn validate_routes(
+    cx: &Cx<'_>,
+    raw: Vec<S<RawRoute>>,
+    listener: &Listener,
+) -> Result<Vec<Route>, ConfigError> {
+    let mut routes = Vec::new();
+    let mut names = HashSet::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let span = r.span();
+        let name_span = r.get_ref().name.span();
+        let route = r.into_inner().validate(cx, i, span, listener)?;
+        if !names.insert(route.name.clone()) {
+            return Err(cx.err(
+                name_span,
+                format!("route[{i}].name"),
+                format!(
+                    "duplicate route name {:?}: names label rules and metrics and must be unique",
+                    route.name
+                ),
+            ));
+        }
+        routes.push(route);
+    }
+    Ok(routes)
+}
+
 impl RawKernel {
-    fn validate(self, cx: &Cx<'_>) -> Result<Kernel, ConfigError> {
+    fn validate(self, cx: &Cx<'_>) -> Result<KernelIds, ConfigError> {
         let max = u32::MAX as i64;
         let span_of = |s: &Option<S<i64>>| s.as_ref().map(|s| s.span()).unwrap_or(0..0);
         let spans = [
@@ -457,7 +510,7 @@ impl RawKernel {
             1,
             32765,
         )? as u32;
-        Ok(Kernel {
+        Ok(KernelIds {
             mark_mask: FwMark(mask),
             tproxy_mark: FwMark(tproxy),
             own_mark: FwMark(own),
@@ -476,183 +529,16 @@ impl RawRoute {
         span: Range<usize>,
         listener: &Listener,
     ) -> Result<Route, ConfigError> {
-        let key = |k: &str| format!("route[{i}].{k}");
+        let rcx = RouteCx { cx, i, span };
         let name_span = self.name.span();
-        let name = self.name.into_inner();
-        if name.is_empty()
-            || !name.starts_with(|c: char| c.is_ascii_alphabetic())
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(cx.err(
-                name_span.clone(),
-                key("name"),
-                format!("{name:?}: use letters, digits, '_' and '-', starting with a letter"),
-            ));
-        }
-        let protocols = match self.protocols {
-            None => {
-                return Err(cx.err(
-                    span,
-                    key("protocols"),
-                    "missing: list \"tcp\", \"udp\" or both",
-                ))
-            }
-            Some(p) => {
-                let pspan = p.span();
-                let mut out = Vec::new();
-                for s in p.into_inner() {
-                    let sp = s.span();
-                    let proto = match s.into_inner().as_str() {
-                        "tcp" => Proto::Tcp,
-                        "udp" => Proto::Udp,
-                        other => {
-                            return Err(cx.err(
-                                sp,
-                                key("protocols"),
-                                format!("{other:?}: expected \"tcp\" or \"udp\""),
-                            ))
-                        }
-                    };
-                    if !out.contains(&proto) {
-                        out.push(proto);
-                    }
-                }
-                if out.is_empty() {
-                    return Err(cx.err(
-                        pspan,
-                        key("protocols"),
-                        "empty: list \"tcp\", \"udp\" or both",
-                    ));
-                }
-                out.sort();
-                out
-            }
-        };
-        let destinations = match self.destinations {
-            None => {
-                return Err(cx.err(
-                    span,
-                    key("destinations"),
-                    "missing: a route needs at least one CIDR",
-                ))
-            }
-            Some(d) => {
-                let dspan = d.span();
-                let v = cidrs(cx, d.into_inner(), &key("destinations"))?;
-                if v.is_empty() {
-                    return Err(cx.err(
-                        dspan,
-                        key("destinations"),
-                        "empty: a route needs at least one CIDR",
-                    ));
-                }
-                if !listener.ipv6 && v.iter().all(|n| n.is_ipv6()) {
-                    return Err(cx.err(
-                        dspan,
-                        key("destinations"),
-                        "only IPv6 destinations, but listener.ipv6 = false: the route would never match",
-                    ));
-                }
-                v
-            }
-        };
-        let ports = match self.ports {
-            None => {
-                return Err(cx.err(
-                    span,
-                    key("ports"),
-                    "missing: a route needs at least one port or range",
-                ))
-            }
-            Some(p) => {
-                let pspan = p.span();
-                let v = ports(cx, p.into_inner(), &key("ports"))?;
-                if v.is_empty() {
-                    return Err(cx.err(
-                        pspan,
-                        key("ports"),
-                        "empty: a route needs at least one port or range",
-                    ));
-                }
-                v
-            }
-        };
-        let sources = cidrs(cx, self.sources.unwrap_or_default(), &key("sources"))?;
-        let aspan = self.action.span();
-        let action_name = self.action.into_inner();
-        let forward_to = match self.forward_to {
-            None => None,
-            Some(f) => {
-                let fspan = f.span();
-                let text = f.into_inner();
-                let addr: SocketAddr = text.parse().map_err(|_| {
-                    cx.err(
-                        fspan.clone(),
-                        key("forward_to"),
-                        format!(
-                            "{text:?}: expected IP:PORT, e.g. \"10.0.0.10:53\" or \"[fd00::a]:53\""
-                        ),
-                    )
-                })?;
-                if addr.port() == 0 {
-                    return Err(cx.err(fspan, key("forward_to"), "port 0 is not a destination"));
-                }
-                Some((addr, fspan))
-            }
-        };
-        let action = match action_name.as_str() {
-            "linkerd" => {
-                if protocols.contains(&Proto::Udp) {
-                    return Err(cx.err(
-                        aspan,
-                        key("action"),
-                        "\"linkerd\" takes TCP only (Linkerd proxies no UDP): remove \"udp\" from protocols, or use \"direct\" or \"forward\" in a separate UDP route",
-                    ));
-                }
-                Action::Linkerd
-            }
-            "direct" => Action::Direct,
-            "forward" => match &forward_to {
-                Some((addr, _)) => Action::Forward(*addr),
-                None => {
-                    return Err(cx.err(
-                        aspan,
-                        key("forward_to"),
-                        "required with action = \"forward\"",
-                    ))
-                }
-            },
-            other => {
-                return Err(cx.err(
-                    aspan,
-                    key("action"),
-                    format!("{other:?}: expected \"linkerd\", \"direct\" or \"forward\""),
-                ))
-            }
-        };
-        if let (Some((_, fspan)), false) = (&forward_to, matches!(action, Action::Forward(_))) {
-            return Err(cx.err(
-                fspan.clone(),
-                key("forward_to"),
-                format!("only used with action = \"forward\", not {action_name:?}"),
-            ));
-        }
-        let preserve_source = match self.preserve_source {
-            None => false,
-            Some(p) => {
-                let v = *p.get_ref();
-                if v && action != Action::Direct {
-                    return Err(cx.err(
-                        p.span(),
-                        key("preserve_source"),
-                        "only applies to action = \"direct\"",
-                    ));
-                }
-                v
-            }
-        };
+        let name = route_name(&rcx, self.name)?;
+        let protocols = route_protocols(&rcx, self.protocols)?;
+        let destinations = route_destinations(&rcx, self.destinations, listener)?;
+        let ports = route_ports(&rcx, self.ports)?;
+        let sources = cidrs(cx, self.sources.unwrap_or_default(), &rcx.key("sources"))?;
+        let forward_to = route_forward_to(&rcx, self.forward_to)?;
+        let action = route_action(&rcx, self.action, &protocols, forward_to)?;
+        let preserve_source = route_preserve_source(&rcx, self.preserve_source, action)?;
         let route = Route {
             name,
             protocols,
@@ -662,19 +548,243 @@ impl RawRoute {
             action,
             preserve_source,
         };
-        for proto in &route.protocols {
-            // The longest variant the planner writes: the drain table's local rule.
-            let c = format!("{}{COMMENT_SUFFIX_LONGEST}", route.comment(*proto));
-            if c.len() > COMMENT_MAX {
-                return Err(cx.err(
-                    name_span.clone(),
-                    key("name"),
-                    format!("too long: the rule comment {c:?} is {} bytes, nft comments hold {COMMENT_MAX}", c.len()),
-                ));
-            }
-        }
+        check_comment_length(&rcx, &route, name_span)?;
         Ok(route)
     }
+}
+
+/// What every check of `route[i]` needs: the context, the index (for keys) and the table's
+/// span (for a missing key).
+struct RouteCx<'a, 'b> {
+    cx: &'a Cx<'b>,
+    i: usize,
+    span: Range<usize>,
+}
+
+impl RouteCx<'_, '_> {
+    fn key(&self, k: &str) -> String {
+        format!("route[{}].{k}", self.i)
+    }
+
+    /// A required key that is absent: points at the route's table.
+    fn missing(&self, k: &str, msg: &str) -> ConfigError {
+        self.cx.err(self.span.clone(), self.key(k), msg)
+    }
+
+    fn err(&self, span: Range<usize>, k: &str, msg: impl Into<String>) -> ConfigError {
+        self.cx.err(span, self.key(k), msg)
+    }
+}
+
+/// `name`: letters, digits, '_' and '-', starting with a letter.
+fn route_name(rcx: &RouteCx<'_, '_>, raw: S<String>) -> Result<String, ConfigError> {
+    let name_span = raw.span();
+    let name = raw.into_inner();
+    if name.is_empty()
+        || !name.starts_with(|c: char| c.is_ascii_alphabetic())
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(rcx.err(
+            name_span,
+            "name",
+            format!("{name:?}: use letters, digits, '_' and '-', starting with a letter"),
+        ));
+    }
+    Ok(name)
+}
+
+/// `protocols`: required, "tcp" and/or "udp", deduplicated and sorted.
+fn route_protocols(
+    rcx: &RouteCx<'_, '_>,
+    raw: Option<S<Vec<S<String>>>>,
+) -> Result<Vec<Proto>, ConfigError> {
+    let Some(p) = raw else {
+        return Err(rcx.missing("protocols", "missing: list \"tcp\", \"udp\" or both"));
+    };
+    let pspan = p.span();
+    let mut out = Vec::new();
+    for s in p.into_inner() {
+        let sp = s.span();
+        let proto = match s.into_inner().as_str() {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            other => {
+                return Err(rcx.err(
+                    sp,
+                    "protocols",
+                    format!("{other:?}: expected \"tcp\" or \"udp\""),
+                ))
+            }
+        };
+        if !out.contains(&proto) {
+            out.push(proto);
+        }
+    }
+    if out.is_empty() {
+        return Err(rcx.err(pspan, "protocols", "empty: list \"tcp\", \"udp\" or both"));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `destinations`: required, at least one CIDR, and at least one IPv4 CIDR when the
+/// listener has no IPv6 side.
+fn route_destinations(
+    rcx: &RouteCx<'_, '_>,
+    raw: Option<S<Vec<S<String>>>>,
+    listener: &Listener,
+) -> Result<Vec<IpNetwork>, ConfigError> {
+    let Some(d) = raw else {
+        return Err(rcx.missing("destinations", "missing: a route needs at least one CIDR"));
+    };
+    let dspan = d.span();
+    let v = cidrs(rcx.cx, d.into_inner(), &rcx.key("destinations"))?;
+    if v.is_empty() {
+        return Err(rcx.err(
+            dspan,
+            "destinations",
+            "empty: a route needs at least one CIDR",
+        ));
+    }
+    if !listener.ipv6 && v.iter().all(|n| n.is_ipv6()) {
+        return Err(rcx.err(
+            dspan,
+            "destinations",
+            "only IPv6 destinations, but listener.ipv6 = false: the route would never match",
+        ));
+    }
+    Ok(v)
+}
+
+/// `ports`: required, at least one port or range.
+fn route_ports(
+    rcx: &RouteCx<'_, '_>,
+    raw: Option<S<Vec<S<RawPort>>>>,
+) -> Result<Vec<PortRange>, ConfigError> {
+    let Some(p) = raw else {
+        return Err(rcx.missing("ports", "missing: a route needs at least one port or range"));
+    };
+    let pspan = p.span();
+    let v = ports(rcx.cx, p.into_inner(), &rcx.key("ports"))?;
+    if v.is_empty() {
+        return Err(rcx.err(
+            pspan,
+            "ports",
+            "empty: a route needs at least one port or range",
+        ));
+    }
+    Ok(v)
+}
+
+/// `forward_to`: an IP:PORT with a port other than 0, kept with its span for the action check.
+fn route_forward_to(
+    rcx: &RouteCx<'_, '_>,
+    raw: Option<S<String>>,
+) -> Result<Option<(SocketAddr, Range<usize>)>, ConfigError> {
+    let Some(f) = raw else {
+        return Ok(None);
+    };
+    let fspan = f.span();
+    let text = f.into_inner();
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        rcx.err(
+            fspan.clone(),
+            "forward_to",
+            format!("{text:?}: expected IP:PORT, e.g. \"10.0.0.10:53\" or \"[fd00::a]:53\""),
+        )
+    })?;
+    if addr.port() == 0 {
+        return Err(rcx.err(fspan, "forward_to", "port 0 is not a destination"));
+    }
+    Ok(Some((addr, fspan)))
+}
+
+/// `action`: "linkerd" (TCP only), "direct" or "forward" (with `forward_to`, which no other
+/// action takes).
+fn route_action(
+    rcx: &RouteCx<'_, '_>,
+    raw: S<String>,
+    protocols: &[Proto],
+    forward_to: Option<(SocketAddr, Range<usize>)>,
+) -> Result<Action, ConfigError> {
+    let aspan = raw.span();
+    let action_name = raw.into_inner();
+    let action = match action_name.as_str() {
+        "linkerd" => {
+            if protocols.contains(&Proto::Udp) {
+                return Err(rcx.err(
+                    aspan,
+                    "action",
+                    "\"linkerd\" takes TCP only (Linkerd proxies no UDP): remove \"udp\" from protocols, or use \"direct\" or \"forward\" in a separate UDP route",
+                ));
+            }
+            Action::Linkerd
+        }
+        "direct" => Action::Direct,
+        "forward" => match &forward_to {
+            Some((addr, _)) => Action::Forward(*addr),
+            None => return Err(rcx.err(aspan, "forward_to", "required with action = \"forward\"")),
+        },
+        other => {
+            return Err(rcx.err(
+                aspan,
+                "action",
+                format!("{other:?}: expected \"linkerd\", \"direct\" or \"forward\""),
+            ))
+        }
+    };
+    if let (Some((_, fspan)), false) = (&forward_to, matches!(action, Action::Forward(_))) {
+        return Err(rcx.err(
+            fspan.clone(),
+            "forward_to",
+            format!("only used with action = \"forward\", not {action_name:?}"),
+        ));
+    }
+    Ok(action)
+}
+
+/// `preserve_source`: only with action = "direct".
+fn route_preserve_source(
+    rcx: &RouteCx<'_, '_>,
+    raw: Option<S<bool>>,
+    action: Action,
+) -> Result<bool, ConfigError> {
+    let Some(p) = raw else {
+        return Ok(false);
+    };
+    let v = *p.get_ref();
+    if v && action != Action::Direct {
+        return Err(rcx.err(
+            p.span(),
+            "preserve_source",
+            "only applies to action = \"direct\"",
+        ));
+    }
+    Ok(v)
+}
+
+/// Every rule comment the planner writes for this route fits what nft stores.
+fn check_comment_length(
+    rcx: &RouteCx<'_, '_>,
+    route: &Route,
+    name_span: Range<usize>,
+) -> Result<(), ConfigError> {
+    for proto in &route.protocols {
+        let c = route.longest_comment(*proto);
+        if c.len() > COMMENT_MAX {
+            return Err(rcx.err(
+                name_span.clone(),
+                "name",
+                format!(
+                    "too long: the rule comment {c:?} is {} bytes, nft comments hold {COMMENT_MAX}",
+                    c.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An integer key with a default and inclusive bounds.

@@ -7,14 +7,14 @@
 //! - `udp`: the receive loop, the flows and the reply sockets; `flow_table`: the UDP flow table
 //!   and its eviction order.
 //!
-//! Reload: the daemon publishes a new [`Runtime`] on a `watch` channel. Each new flow reads the
+//! Reload: the daemon publishes a new [`FlowPolicy`] on a `watch` channel. Each new flow reads the
 //! current one when it starts; established flows keep the routes they started with.
 
-pub mod fdlimit;
+pub(crate) mod fdlimit;
 mod flow_table;
 mod listen;
-pub mod relay;
-pub mod sockopt;
+mod relay;
+mod sockopt;
 mod tcp;
 mod udp;
 mod upstream;
@@ -35,7 +35,6 @@ use crate::dataplane::fdlimit::Pressure;
 use crate::metrics::Metrics;
 
 pub use listen::{ListenError, Listeners};
-pub use upstream::{plan_flow, FlowPlan};
 
 /// The destination a client addressed (TCP: the accepted socket's local address; UDP: the
 /// `IP(V6)_ORIGDSTADDR` control message), v4-mapped addresses unmapped.
@@ -60,20 +59,18 @@ impl fmt::Display for ClientAddr {
 
 /// What the data path needs from a config. Built once per (re)load and shared read-only.
 #[derive(Debug, Clone)]
-pub struct Runtime {
+pub struct FlowPolicy {
     pub classifier: Classifier,
-    pub kernel: config::Kernel,
+    pub kernel: config::KernelIds,
     pub limits: config::Limits,
-    pub linkerd: config::Linkerd,
 }
 
-impl Runtime {
-    pub fn new(cfg: &Config) -> Runtime {
-        Runtime {
+impl FlowPolicy {
+    pub fn new(cfg: &Config) -> FlowPolicy {
+        FlowPolicy {
             classifier: Classifier::new(cfg),
             kernel: cfg.kernel.clone(),
             limits: cfg.limits.clone(),
-            linkerd: cfg.linkerd.clone(),
         }
     }
 }
@@ -126,20 +123,20 @@ impl Drop for FlowGuard {
 
 /// The running data path: accept loops, flow tasks, metrics.
 pub struct Dataplane {
-    pub(crate) runtime: watch::Receiver<Arc<Runtime>>,
+    pub(crate) policy: watch::Receiver<Arc<FlowPolicy>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) flows: Arc<Flows>,
-    /// `limits.max_tcp_flows` permits, sized from the runtime at construction.
+    /// `limits.max_tcp_flows` permits, sized from the policy at construction.
     pub(crate) tcp_slots: Arc<Semaphore>,
     /// Back-off shared by the accept loops and flows after descriptor exhaustion.
     pub(crate) pressure: Arc<Pressure>,
 }
 
 impl Dataplane {
-    pub fn new(runtime: watch::Receiver<Arc<Runtime>>, metrics: Arc<Metrics>) -> Dataplane {
-        let max = runtime.borrow().limits.max_tcp_flows;
+    pub fn new(policy: watch::Receiver<Arc<FlowPolicy>>, metrics: Arc<Metrics>) -> Dataplane {
+        let max = policy.borrow().limits.max_tcp_flows;
         Dataplane {
-            runtime,
+            policy,
             metrics,
             flows: Arc::new(Flows::new()),
             tcp_slots: Arc::new(Semaphore::new(max)),
@@ -148,8 +145,8 @@ impl Dataplane {
     }
 
     /// The current routes and limits (new flows use these).
-    pub(crate) fn current(&self) -> Arc<Runtime> {
-        Arc::clone(&self.runtime.borrow())
+    pub(crate) fn current(&self) -> Arc<FlowPolicy> {
+        Arc::clone(&self.policy.borrow())
     }
 
     /// Runs the accept loops (TCP) and receive loops (UDP) until `stop_accepting` resolves.

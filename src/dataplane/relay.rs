@@ -31,8 +31,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::config::RelayMode;
 use crate::dataplane::sockopt;
+use crate::model::RelayMode;
 
 const BUF_START: usize = 8 * 1024;
 const BUF_MAX: usize = 256 * 1024;

@@ -17,7 +17,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
-use socket2::{Domain, Socket, TcpKeepalive};
+use socket2::{Socket, TcpKeepalive};
 
 /// The size of a UDP receive buffer that holds any datagram whole (IPv6 payloads reach 65527).
 pub const MAX_DATAGRAM: usize = 65536;
@@ -25,15 +25,6 @@ pub const MAX_DATAGRAM: usize = 65536;
 /// Maps `::ffff:a.b.c.d` to `a.b.c.d`; other addresses are returned unchanged.
 pub fn unmap(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
-}
-
-/// The domain for an address.
-pub fn domain_of(a: &SocketAddr) -> Domain {
-    if a.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    }
 }
 
 /// The destination the client addressed, for an accepted TPROXY'd TCP connection.
@@ -298,7 +289,7 @@ mod tests {
     #[test]
     fn recvmsg_reports_source_without_tproxy() {
         // Without TPROXY the original destination of a datagram is the socket's own address.
-        let rx = Socket::new(Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        let rx = Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
         set_recv_orig_dst(&rx, false).unwrap();
         rx.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
             .unwrap();

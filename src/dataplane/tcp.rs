@@ -11,8 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::upstream::{connect_tcp, plan_flow};
-use super::{ClientAddr, Dataplane, OrigDst, Runtime};
+use super::upstream::{connect_tcp, decide_flow};
+use super::{ClientAddr, Dataplane, FlowPolicy, OrigDst};
 use crate::dataplane::fdlimit::{self, Pressure};
 use crate::dataplane::relay::{self, Counters, End};
 use crate::dataplane::sockopt;
@@ -84,7 +84,7 @@ impl Drop for Active {
 }
 
 async fn handle(
-    rt: Arc<Runtime>,
+    rt: Arc<FlowPolicy>,
     metrics: Arc<Metrics>,
     pressure: &Pressure,
     client: TcpStream,
@@ -92,20 +92,20 @@ async fn handle(
     d: OrigDst,
 ) {
     let start = Instant::now();
-    let plan = plan_flow(&rt, Proto::Tcp, c, d);
+    let decision = decide_flow(&rt, Proto::Tcp, c, d);
     let labels = FlowLabels {
-        route: plan.route.clone(),
-        action: plan.action.to_string(),
+        route: decision.route.clone(),
+        action: decision.action.to_string(),
         proto: "tcp".to_string(),
     };
     metrics.flows_total.get_or_create(&labels).inc();
     let active = Active(Gauge::clone(&metrics.flows_active.get_or_create(&labels)));
     active.0.inc();
-    debug!(client = %c, orig_dst = %d, route = %plan.route, action = %plan.action, "accepted");
+    debug!(client = %c, orig_dst = %d, route = %decision.route, action = %decision.action, "accepted");
     // The client leg inherited TCP_NODELAY and keepalive from the listener (listen.rs); the
     // upstream leg gets TCP_NODELAY at connect and keepalive from the relay.
 
-    let upstream = match connect_tcp(&plan, c, rt.limits.connect_timeout).await {
+    let upstream = match connect_tcp(&decision, c, rt.limits.connect_timeout).await {
         Ok(u) => {
             pressure.clear();
             u
@@ -121,11 +121,11 @@ async fn handle(
             metrics
                 .upstream_errors_total
                 .get_or_create(&ErrorLabels {
-                    route: plan.route.clone(),
+                    route: decision.route.clone(),
                     kind: kind.as_str(),
                 })
                 .inc();
-            debug!(client = %c, orig_dst = %d, route = %plan.route, upstream = %plan.target,
+            debug!(client = %c, orig_dst = %d, route = %decision.route, upstream = %decision.target,
                 %kind, error = %e, "upstream connect failed, resetting the client");
             // SO_LINGER 0: the close below sends a RST, so the client fails at once instead of
             // seeing an orderly close it could mistake for an answer.
@@ -133,13 +133,13 @@ async fn handle(
             return;
         }
     };
-    debug!(client = %c, orig_dst = %d, upstream = %plan.target,
+    debug!(client = %c, orig_dst = %d, upstream = %decision.target,
         local = %upstream.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        mark = %format_args!("{:#x}", plan.mark), "upstream connected");
+        mark = %format_args!("{:#x}", decision.mark), "upstream connected");
 
     let bytes = |direction| {
         Counter::clone(&metrics.bytes_total.get_or_create(&ByteLabels {
-            route: plan.route.clone(),
+            route: decision.route.clone(),
             direction: Direction::as_str(direction),
         }))
     };
@@ -157,10 +157,10 @@ async fn handle(
     .await;
     let duration_ms = start.elapsed().as_millis() as u64;
     match &out.end {
-        End::Error(e) => info!(client = %c, orig_dst = %d, route = %plan.route,
+        End::Error(e) => info!(client = %c, orig_dst = %d, route = %decision.route,
             bytes_to_upstream = out.client_to_upstream, bytes_to_client = out.upstream_to_client,
             duration_ms, error = %e, "closed with an error"),
-        end => debug!(client = %c, orig_dst = %d, route = %plan.route,
+        end => debug!(client = %c, orig_dst = %d, route = %decision.route,
             bytes_to_upstream = out.client_to_upstream, bytes_to_client = out.upstream_to_client,
             duration_ms, %end, "closed"),
     }

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::flow_table::{FlowTable, Room};
-use super::upstream::{plan_flow, reply_socket, udp_upstream, FlowPlan};
+use super::upstream::{decide_flow, reply_socket, udp_upstream, FlowDecision};
 use super::{ClientAddr, Dataplane, FlowGuard, OrigDst};
 use crate::dataplane::sockopt;
 use crate::kernel::conntrack::Conntrack;
@@ -50,131 +50,157 @@ fn drop_count(m: &Metrics, reason: &'static str) {
         .inc();
 }
 
+/// The receive loop of one UDP listener. Per datagram: receive it with its original
+/// destination, now and then forget finished flows, drop what cannot be relayed, hand it to
+/// its flow's queue, or start a new flow with it.
 pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
-    let m = &dp.metrics;
-    let mut buf = vec![0u8; sockopt::MAX_DATAGRAM];
-    // Each flow's queue; a closed one means the flow's task has ended.
-    let mut flows: FlowTable<Key, mpsc::Sender<Vec<u8>>> = FlowTable::default();
-    let mut replies: HashMap<OrigDst, Weak<UdpSocket>> = HashMap::new();
-    let mut pruned = Instant::now();
-    // This loop's own ctnetlink socket: the pre-DNAT destination of each new flow.
-    let mut conntrack = match Conntrack::open() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            warn!(error = %e, "no conntrack socket: UDP flows behind a DNAT are classified by \
-                their translated destination");
-            None
-        }
-    };
+    let mut rl = RecvLoop::new(dp);
     loop {
+        let Some(r) = rl.receive(&sock).await else {
+            continue;
+        };
+        rl.prune();
+        let Some((key, data)) = rl.relayable(&r) else {
+            continue;
+        };
+        let Some(data) = rl.deliver(&key, data) else {
+            continue;
+        };
+        rl.start_flow(key, data);
+    }
+}
+
+/// The state of one listener's receive loop.
+struct RecvLoop<'a> {
+    dp: &'a Dataplane,
+    buf: Vec<u8>,
+    /// Each flow's queue; a closed one means the flow's task has ended.
+    flows: FlowTable<Key, mpsc::Sender<Vec<u8>>>,
+    replies: HashMap<OrigDst, Weak<UdpSocket>>,
+    pruned: Instant,
+    /// This loop's own ctnetlink socket: the pre-DNAT destination of each new flow.
+    conntrack: Option<Conntrack>,
+}
+
+impl<'a> RecvLoop<'a> {
+    fn new(dp: &'a Dataplane) -> RecvLoop<'a> {
+        let conntrack = match Conntrack::open() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(error = %e, "no conntrack socket: UDP flows behind a DNAT are classified by \
+                    their translated destination");
+                None
+            }
+        };
+        RecvLoop {
+            dp,
+            buf: vec![0u8; sockopt::MAX_DATAGRAM],
+            flows: FlowTable::default(),
+            replies: HashMap::new(),
+            pruned: Instant::now(),
+            conntrack,
+        }
+    }
+
+    /// One datagram with its original destination; `None` after a failed receive.
+    async fn receive(&mut self, sock: &UdpSocket) -> Option<sockopt::Received> {
+        let buf = &mut self.buf;
         let r = sock
             .async_io(Interest::READABLE, || {
-                sockopt::recv_with_orig_dst(sock.as_fd(), &mut buf)
+                sockopt::recv_with_orig_dst(sock.as_fd(), buf)
             })
             .await;
-        let r = match r {
-            Ok(r) => r,
+        match r {
+            Ok(r) => Some(r),
             Err(e) => {
                 // ICMP errors queued on the listener, or fd/memory pressure: never spin.
                 debug!(error = %e, "udp receive failed");
                 tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
+                None
             }
-        };
-        if pruned.elapsed() > PRUNE_EVERY {
-            flows.retain(|tx| !tx.is_closed());
-            replies.retain(|_, w| w.strong_count() > 0);
-            pruned = Instant::now();
         }
+    }
+
+    /// Every [`PRUNE_EVERY`]: forget finished flows and unused reply sockets.
+    fn prune(&mut self) {
+        if self.pruned.elapsed() > PRUNE_EVERY {
+            self.flows.retain(|tx| !tx.is_closed());
+            self.replies.retain(|_, w| w.strong_count() > 0);
+            self.pruned = Instant::now();
+        }
+    }
+
+    /// The flow key and a copy of the datagram, unless it was truncated or came without its
+    /// original destination (dropped and counted).
+    fn relayable(&self, r: &sockopt::Received) -> Option<(Key, Vec<u8>)> {
+        let m = &self.dp.metrics;
         if r.truncated {
             drop_count(m, "truncated");
-            continue;
+            return None;
         }
         let Some(orig) = r.orig_dst else {
             drop_count(m, "no_orig_dst");
-            continue;
+            return None;
         };
         let key = (ClientAddr(r.src), OrigDst(orig));
-        let mut data = buf[..r.len].to_vec();
-        if let Some(tx) = flows.get_mut(&key, Instant::now()) {
-            match tx.try_send(data) {
-                Ok(()) => continue,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    drop_count(m, "queue_full");
-                    continue;
-                }
-                // The flow ended (idle or evicted): start a new one with this datagram.
-                Err(mpsc::error::TrySendError::Closed(d)) => {
-                    flows.remove(&key);
-                    data = d;
-                }
+        Some((key, self.buf[..r.len].to_vec()))
+    }
+
+    /// Queues the datagram on its flow. Gives it back when there is no live flow for it.
+    fn deliver(&mut self, key: &Key, data: Vec<u8>) -> Option<Vec<u8>> {
+        let Some(tx) = self.flows.get_mut(key, Instant::now()) else {
+            return Some(data);
+        };
+        match tx.try_send(data) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                drop_count(&self.dp.metrics, "queue_full");
+                None
+            }
+            // The flow ended (idle or evicted): start a new one with this datagram.
+            Err(mpsc::error::TrySendError::Closed(d)) => {
+                self.flows.remove(key);
+                Some(d)
             }
         }
+    }
+
+    /// A new flow for `key`, with `data` as its first datagram: room in the table, the
+    /// destination the client asked for, the route's decision, the reply socket, the
+    /// upstream socket and the flow's task.
+    fn start_flow(&mut self, key: Key, data: Vec<u8>) {
+        let dp = self.dp;
+        let m = &dp.metrics;
         let rt = dp.current();
-        // Dropping an evicted flow's sender ends that flow's task.
-        while flows.len() >= rt.limits.max_udp_flows {
-            match flows.make_room(|tx| tx.is_closed()) {
-                Room::Freed => {}
-                Room::Evicted => {
-                    m.udp_evictions_total.inc();
-                }
-                Room::Empty => break,
-            }
-        }
-        // What the client asked for: before a DNAT (kube-proxy's ClusterIP -> endpoint) that
-        // ran after the tproxy rule, else the destination the datagram arrived with. Replies
-        // still leave from `key.1`: conntrack translates them back to what the client asked.
-        let asked = match conntrack
-            .as_mut()
-            .map(|c| c.udp_orig_dst(key.0 .0, key.1 .0))
-        {
-            Some(Ok(Some(a))) => OrigDst(sockopt::unmap(a)),
-            Some(Err(e)) => {
-                debug!(client = %key.0, orig_dst = %key.1, error = %e, "conntrack lookup failed");
-                key.1
-            }
-            _ => key.1,
+        self.make_room(rt.limits.max_udp_flows);
+        let asked = self.asked_destination(&key);
+        let decision = decide_flow(&rt, Proto::Udp, key.0, asked);
+        let Some(reply) = self.reply_socket(key.1, rt.kernel.own_mark.0) else {
+            return;
         };
-        let plan = plan_flow(&rt, Proto::Udp, key.0, asked);
-        let reply = match replies.get(&key.1).and_then(Weak::upgrade) {
-            Some(s) => s,
-            None => match reply_socket(key.1, rt.kernel.own_mark.0) {
-                Ok(s) => {
-                    let s = Arc::new(s);
-                    replies.insert(key.1, Arc::downgrade(&s));
-                    s
-                }
-                Err(e) => {
-                    warn!(orig_dst = %key.1, error = %e,
-                        "cannot bind a transparent reply socket to the original destination");
-                    drop_count(m, "reply_socket");
-                    continue;
-                }
-            },
-        };
-        let up = match udp_upstream(plan.target, plan.mark) {
+        let up = match udp_upstream(decision.target, decision.mark) {
             Ok(u) => u,
             Err(e) => {
                 let kind = ErrorKind::of(&e);
                 m.upstream_errors_total
                     .get_or_create(&ErrorLabels {
-                        route: plan.route.clone(),
+                        route: decision.route.clone(),
                         kind: kind.as_str(),
                     })
                     .inc();
-                debug!(client = %key.0, orig_dst = %key.1, upstream = %plan.target, error = %e,
+                debug!(client = %key.0, orig_dst = %key.1, upstream = %decision.target, error = %e,
                     "udp upstream socket failed");
                 drop_count(m, "upstream");
-                continue;
+                return;
             }
         };
         let (tx, rx) = mpsc::channel(rt.limits.udp_queue);
         tx.try_send(data).expect("a new queue has room");
-        flows.insert(key, tx, Instant::now());
+        self.flows.insert(key, tx, Instant::now());
         let f = Flow {
             client: key.0,
             orig: asked,
-            plan,
+            decision,
             up,
             reply,
             idle: rt.limits.udp_idle_timeout,
@@ -189,12 +215,65 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
             }
         });
     }
+
+    /// Below `max` flows: finished flows go first, then the least recently used (dropping an
+    /// evicted flow's sender ends that flow's task).
+    fn make_room(&mut self, max: usize) {
+        while self.flows.len() >= max {
+            match self.flows.make_room(|tx| tx.is_closed()) {
+                Room::Freed => {}
+                Room::Evicted => {
+                    self.dp.metrics.udp_evictions_total.inc();
+                }
+                Room::Empty => break,
+            }
+        }
+    }
+
+    /// What the client asked for: before a DNAT (kube-proxy's ClusterIP -> endpoint) that
+    /// ran after the tproxy rule, else the destination the datagram arrived with. Replies
+    /// still leave from `key.1`: conntrack translates them back to what the client asked.
+    fn asked_destination(&mut self, key: &Key) -> OrigDst {
+        match self
+            .conntrack
+            .as_mut()
+            .map(|c| c.udp_orig_dst(key.0 .0, key.1 .0))
+        {
+            Some(Ok(Some(a))) => OrigDst(sockopt::unmap(a)),
+            Some(Err(e)) => {
+                debug!(client = %key.0, orig_dst = %key.1, error = %e, "conntrack lookup failed");
+                key.1
+            }
+            _ => key.1,
+        }
+    }
+
+    /// The transparent socket bound to `orig` that replies leave from, shared by every flow
+    /// to `orig`; `None` (dropped and counted) when it cannot be bound.
+    fn reply_socket(&mut self, orig: OrigDst, own_mark: u32) -> Option<Arc<UdpSocket>> {
+        if let Some(s) = self.replies.get(&orig).and_then(Weak::upgrade) {
+            return Some(s);
+        }
+        match reply_socket(orig, own_mark) {
+            Ok(s) => {
+                let s = Arc::new(s);
+                self.replies.insert(orig, Arc::downgrade(&s));
+                Some(s)
+            }
+            Err(e) => {
+                warn!(orig_dst = %orig, error = %e,
+                    "cannot bind a transparent reply socket to the original destination");
+                drop_count(&self.dp.metrics, "reply_socket");
+                None
+            }
+        }
+    }
 }
 
 struct Flow {
     client: ClientAddr,
     orig: OrigDst,
-    plan: FlowPlan,
+    decision: FlowDecision,
     up: UdpSocket,
     reply: Arc<UdpSocket>,
     idle: Duration,
@@ -207,8 +286,8 @@ impl Flow {
         let start = Instant::now();
         let m = &self.metrics;
         let labels = FlowLabels {
-            route: self.plan.route.clone(),
-            action: self.plan.action.to_string(),
+            route: self.decision.route.clone(),
+            action: self.decision.action.to_string(),
             proto: "udp".to_string(),
         };
         m.flows_total.get_or_create(&labels).inc();
@@ -216,7 +295,7 @@ impl Flow {
         active.inc();
         let bytes = |direction| {
             Counter::clone(&m.bytes_total.get_or_create(&ByteLabels {
-                route: self.plan.route.clone(),
+                route: self.decision.route.clone(),
                 direction: Direction::as_str(direction),
             }))
         };
@@ -224,8 +303,8 @@ impl Flow {
             bytes(Direction::ClientToUpstream),
             bytes(Direction::UpstreamToClient),
         );
-        debug!(client = %self.client, orig_dst = %self.orig, route = %self.plan.route,
-            action = %self.plan.action, upstream = %self.plan.target, "udp flow started");
+        debug!(client = %self.client, orig_dst = %self.orig, route = %self.decision.route,
+            action = %self.decision.action, upstream = %self.decision.target, "udp flow started");
         let (mut sent, mut received) = (0u64, 0u64);
         let idle = tokio::time::sleep(self.idle);
         tokio::pin!(idle);
@@ -265,7 +344,7 @@ impl Flow {
             idle.as_mut().reset(tokio::time::Instant::now() + self.idle);
         };
         active.dec();
-        debug!(client = %self.client, orig_dst = %self.orig, route = %self.plan.route,
+        debug!(client = %self.client, orig_dst = %self.orig, route = %self.decision.route,
             bytes_to_upstream = sent, bytes_to_client = received,
             duration_ms = start.elapsed().as_millis() as u64, end, "udp flow closed");
     }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
-use super::{ClientAddr, OrigDst, Runtime};
+use super::{ClientAddr, FlowPolicy, OrigDst};
 use crate::classify::Decision;
 use crate::config::Action;
 use crate::dataplane::sockopt;
@@ -32,9 +32,9 @@ use crate::model::Proto;
 /// in a reload race): they go directly to their original destination (fail-open).
 pub const UNMATCHED: &str = "unmatched";
 
-/// The decision for one flow.
+/// Where one flow goes: its route, the action (metrics label), the upstream address and mark.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FlowPlan {
+pub struct FlowDecision {
     pub route: String,
     /// "linkerd", "direct" or "forward" (the metrics label).
     pub action: &'static str,
@@ -47,9 +47,14 @@ pub struct FlowPlan {
 }
 
 /// Classifies a flow and decides its upstream address and mark.
-pub fn plan_flow(rt: &Runtime, proto: Proto, client: ClientAddr, orig: OrigDst) -> FlowPlan {
+pub fn decide_flow(
+    rt: &FlowPolicy,
+    proto: Proto,
+    client: ClientAddr,
+    orig: OrigDst,
+) -> FlowDecision {
     let own = rt.kernel.own_mark.0;
-    let direct = |route: String, bind_client: bool| FlowPlan {
+    let direct = |route: String, bind_client: bool| FlowDecision {
         route,
         action: "direct",
         target: orig.0,
@@ -61,7 +66,7 @@ pub fn plan_flow(rt: &Runtime, proto: Proto, client: ClientAddr, orig: OrigDst) 
             let name = sel.route.name.clone();
             match sel.route.action {
                 // Config refuses udp on linkerd routes (Linkerd proxies no UDP); kept total.
-                Action::Linkerd if proto == Proto::Tcp => FlowPlan {
+                Action::Linkerd if proto == Proto::Tcp => FlowDecision {
                     route: name,
                     action: "linkerd",
                     target: orig.0,
@@ -75,7 +80,7 @@ pub fn plan_flow(rt: &Runtime, proto: Proto, client: ClientAddr, orig: OrigDst) 
                         && proto == Proto::Tcp
                         && client.0.is_ipv4() == orig.0.is_ipv4(),
                 ),
-                Action::Forward(to) => FlowPlan {
+                Action::Forward(to) => FlowDecision {
                     route: name,
                     action: "forward",
                     target: to,
@@ -88,28 +93,28 @@ pub fn plan_flow(rt: &Runtime, proto: Proto, client: ClientAddr, orig: OrigDst) 
     }
 }
 
-/// Connects a marked TCP socket to `plan.target` within `timeout` (`TimedOut` after it).
+/// Connects a marked TCP socket to `decision.target` within `timeout` (`TimedOut` after it).
 pub async fn connect_tcp(
-    plan: &FlowPlan,
+    decision: &FlowDecision,
     client: ClientAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     // Non-blocking from socket(2) on (SOCK_NONBLOCK): two fcntl calls fewer per flow.
     let sock = Socket::new(
-        Domain::for_address(plan.target),
+        Domain::for_address(decision.target),
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
-    sockopt::set_mark(&sock, plan.mark)?;
+    sockopt::set_mark(&sock, decision.mark)?;
     // Latency matters from the first byte; keepalive is armed by the relay once the flow has
     // lived a while (`relay::KEEPALIVE_ARM_AFTER`).
     sock.set_tcp_nodelay(true)?;
-    if plan.bind_client {
-        sockopt::set_transparent(&sock, plan.target.is_ipv6())?;
+    if decision.bind_client {
+        sockopt::set_transparent(&sock, decision.target.is_ipv6())?;
         sock.bind(&SocketAddr::new(client.0.ip(), 0).into())?;
     }
     let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
-    match tokio::time::timeout(timeout, sock.connect(plan.target)).await {
+    match tokio::time::timeout(timeout, sock.connect(decision.target)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -162,8 +167,8 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn rt() -> Runtime {
-        Runtime::new(
+    fn rt() -> FlowPolicy {
+        FlowPolicy::new(
             &Config::parse(
                 r#"
 [[route]]
@@ -197,7 +202,7 @@ forward_to = "169.254.20.10:53"
     fn actions_pick_target_and_mark() {
         let rt = rt();
         let c = ClientAddr("10.1.0.2:40000".parse().unwrap());
-        let p = plan_flow(
+        let p = decide_flow(
             &rt,
             Proto::Tcp,
             c,
@@ -205,7 +210,7 @@ forward_to = "169.254.20.10:53"
         );
         assert_eq!((p.action, p.mark), ("linkerd", 0x3000));
         assert_eq!(p.target, "10.96.0.1:443".parse().unwrap());
-        let p = plan_flow(
+        let p = decide_flow(
             &rt,
             Proto::Udp,
             c,
@@ -216,9 +221,9 @@ forward_to = "169.254.20.10:53"
             (UNMATCHED, 0x2000),
             "udp: no route"
         );
-        let p = plan_flow(&rt, Proto::Tcp, c, OrigDst("10.20.1.1:80".parse().unwrap()));
+        let p = decide_flow(&rt, Proto::Tcp, c, OrigDst("10.20.1.1:80".parse().unwrap()));
         assert_eq!((p.route.as_str(), p.bind_client), ("keep", true));
-        let p = plan_flow(
+        let p = decide_flow(
             &rt,
             Proto::Udp,
             c,
@@ -226,7 +231,7 @@ forward_to = "169.254.20.10:53"
         );
         assert_eq!(p.action, "forward");
         assert_eq!(p.target, "169.254.20.10:53".parse().unwrap());
-        let p = plan_flow(&rt, Proto::Tcp, c, OrigDst("192.0.2.1:80".parse().unwrap()));
+        let p = decide_flow(&rt, Proto::Tcp, c, OrigDst("192.0.2.1:80".parse().unwrap()));
         assert_eq!((p.route.as_str(), p.action), (UNMATCHED, "direct"));
         assert_eq!(p.target, "192.0.2.1:80".parse().unwrap());
     }

@@ -4,20 +4,16 @@
 //! packet without its ip rule would be forwarded rather than delivered locally), and comes out
 //! after it. No decisions about *what* to install are made here: that is `plan`.
 
-pub mod conntrack;
+pub(crate) mod conntrack;
 pub mod nft;
 pub mod route;
-pub mod sockdiag;
+pub(crate) mod sockdiag;
 
 use std::fmt;
 
-use crate::config::ROUTE_PROTOCOL;
-use crate::model::{Desired, TableId};
-use crate::plan::TABLE;
+use crate::model::{Desired, TableId, ROUTE_PROTOCOL, TABLE};
 use nft::Nft;
 use route::{RouteChanges, RouteDrift, RouteError, RouteMonitor, Routing};
-
-use crate::telemetry::chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -27,6 +23,10 @@ pub enum KernelError {
     Route(#[from] RouteError),
     #[error("destroying TIME-WAIT sockets over sock_diag")]
     SockDiag(#[source] std::io::Error),
+    #[error("subscribing to nftables notifications")]
+    NftMonitor(#[source] std::io::Error),
+    #[error("subscribing to routing notifications")]
+    RouteMonitor(#[source] RouteError),
 }
 
 /// The result of one apply.
@@ -42,7 +42,7 @@ pub struct Applied {
 /// One difference between the kernel and the desired state.
 #[derive(Debug)]
 pub enum Drift {
-    Nft(nft::Drift),
+    Nft(nft::TableDrift),
     Route(RouteDrift),
 }
 
@@ -195,13 +195,13 @@ pub struct Monitor {
 impl Monitor {
     /// Subscribes in the calling thread's network namespace. Returns the monitor and what could
     /// not be subscribed to (for the caller to log).
-    pub fn open(route_table: TableId) -> (Monitor, Vec<String>) {
+    pub fn open(route_table: TableId) -> (Monitor, Vec<KernelError>) {
         let mut failed = Vec::new();
         let nft = nft::NftMonitor::open(libc::NFPROTO_INET as u8, TABLE)
-            .map_err(|e| failed.push(format!("nftables notifications: {e}")))
+            .map_err(|e| failed.push(KernelError::NftMonitor(e)))
             .ok();
         let routes = RouteMonitor::open(route_table.0, ROUTE_PROTOCOL)
-            .map_err(|e| failed.push(format!("routing notifications: {}", chain(&e))))
+            .map_err(|e| failed.push(KernelError::RouteMonitor(e)))
             .ok();
         (Monitor { nft, routes }, failed)
     }

@@ -12,11 +12,11 @@ use super::error::NftError;
 use super::socket::Nft;
 use super::text::{rule_text, RuleText};
 use super::wire::{self, Attrs, Msgs};
-use crate::model::Table;
+use crate::model::{Set, Table};
 
 /// A difference between the kernel and the desired table.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Drift {
+pub enum TableDrift {
     MissingTable {
         table: String,
     },
@@ -63,28 +63,28 @@ pub enum Drift {
     },
 }
 
-impl fmt::Display for Drift {
+impl fmt::Display for TableDrift {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Drift::MissingTable { table } => write!(f, "missing table inet {table}"),
-            Drift::MissingChain { chain } => write!(f, "missing chain {chain}"),
-            Drift::ExtraChain { chain } => write!(f, "extra chain {chain}"),
-            Drift::ChangedChain { chain, want, have } => {
+            TableDrift::MissingTable { table } => write!(f, "missing table inet {table}"),
+            TableDrift::MissingChain { chain } => write!(f, "missing chain {chain}"),
+            TableDrift::ExtraChain { chain } => write!(f, "extra chain {chain}"),
+            TableDrift::ChangedChain { chain, want, have } => {
                 write!(f, "changed chain {chain}: want {want}, have {have}")
             }
-            Drift::MissingSet { set } => write!(f, "missing set {set}"),
-            Drift::ExtraSet { set } => write!(f, "extra set {set}"),
-            Drift::ChangedSet { set, want, have } => {
+            TableDrift::MissingSet { set } => write!(f, "missing set {set}"),
+            TableDrift::ExtraSet { set } => write!(f, "extra set {set}"),
+            TableDrift::ChangedSet { set, want, have } => {
                 write!(f, "changed set {set}: want {want}, have {have}")
             }
-            Drift::MissingRule {
+            TableDrift::MissingRule {
                 chain,
                 comment,
                 text,
             } => {
                 write!(f, "missing rule in chain {chain}: \"{comment}\": {text}")
             }
-            Drift::ExtraRule {
+            TableDrift::ExtraRule {
                 chain,
                 handle,
                 comment,
@@ -93,8 +93,12 @@ impl fmt::Display for Drift {
                 f,
                 "extra rule in chain {chain} (handle {handle}): \"{comment}\": {text}"
             ),
-            Drift::MissingElement { set, elem } => write!(f, "missing element {elem} in set {set}"),
-            Drift::ExtraElement { set, elem } => write!(f, "extra element {elem} in set {set}"),
+            TableDrift::MissingElement { set, elem } => {
+                write!(f, "missing element {elem} in set {set}")
+            }
+            TableDrift::ExtraElement { set, elem } => {
+                write!(f, "extra element {elem} in set {set}")
+            }
         }
     }
 }
@@ -284,54 +288,143 @@ fn diff_rules<'a>(
     (missing, extra)
 }
 
+/// Chains: missing, changed (type, hook, priority) and extra.
+fn audit_chains(table: &Table, current: &Current, drift: &mut Vec<TableDrift>) {
+    for c in &table.chains {
+        let want = chain_desc(&c.kind.to_string(), &c.hook.to_string(), c.priority);
+        match current.chains.iter().find(|k| k.name == c.name) {
+            None => drift.push(TableDrift::MissingChain {
+                chain: c.name.clone(),
+            }),
+            Some(k) => {
+                let have = chain_desc(&k.kind, &hook_name(k.hook), k.priority);
+                if have != want {
+                    drift.push(TableDrift::ChangedChain {
+                        chain: c.name.clone(),
+                        want,
+                        have,
+                    });
+                }
+            }
+        }
+    }
+    for k in &current.chains {
+        if !table.chains.iter().any(|c| c.name == k.name) {
+            drift.push(TableDrift::ExtraChain {
+                chain: k.name.clone(),
+            });
+        }
+    }
+}
+
+/// The desired rules as text, per chain, from encoding `table`.
+fn want_rules(table: &Table) -> Result<Vec<Vec<RuleText>>, NftError> {
+    let batch = encode(table)?;
+    let mut want_rules: Vec<Vec<RuleText>> = vec![Vec::new(); table.chains.len()];
+    for (i, m) in batch.messages().iter().enumerate() {
+        if let Object::Rule { chain, .. } = m.object {
+            if let Some(t) = rule_text(batch.message(i)) {
+                want_rules[chain].push(t);
+            }
+        }
+    }
+    Ok(want_rules)
+}
+
+/// A desired set against the kernel's: `false` (drift recorded) when it is missing or its
+/// key type, length or flags differ, so its elements are not worth comparing.
+fn audit_set_header(s: &Set, current: &Current, drift: &mut Vec<TableDrift>) -> bool {
+    let (kt, kl) = match &s.elems {
+        crate::model::SetElems::V4(_) => (7, 4),
+        crate::model::SetElems::V6(_) => (8, 16),
+        crate::model::SetElems::Ports(_) => (13, 2),
+    };
+    let want = set_desc(kt, kl, libc::NFT_SET_INTERVAL as u32);
+    let have = current
+        .sets
+        .iter()
+        .find(|k| k.name == s.name)
+        .map(|k| (k.name.clone(), set_desc(k.key_type, k.key_len, k.flags)));
+    match have {
+        None => {
+            drift.push(TableDrift::MissingSet {
+                set: s.name.clone(),
+            });
+            false
+        }
+        Some((_, have)) if have != want => {
+            drift.push(TableDrift::ChangedSet {
+                set: s.name.clone(),
+                want,
+                have,
+            });
+            false
+        }
+        Some(_) => true,
+    }
+}
+
 impl Nft {
     /// Compares the kernel's `table inet NAME` with `table`; empty when in sync.
-    pub fn audit(&mut self, table: &Table) -> Result<Vec<Drift>, NftError> {
+    pub fn audit(&mut self, table: &Table) -> Result<Vec<TableDrift>, NftError> {
         let name = table.name.as_str();
         if !self.table_exists(name)? {
-            return Ok(vec![Drift::MissingTable {
+            return Ok(vec![TableDrift::MissingTable {
                 table: name.to_string(),
             }]);
         }
         let mut drift = Vec::new();
-
         let current = self.read_current(name)?;
-        for c in &table.chains {
-            let want = chain_desc(&c.kind.to_string(), &c.hook.to_string(), c.priority);
-            match current.chains.iter().find(|k| k.name == c.name) {
-                None => drift.push(Drift::MissingChain {
-                    chain: c.name.clone(),
-                }),
-                Some(k) => {
-                    let have = chain_desc(&k.kind, &hook_name(k.hook), k.priority);
-                    if have != want {
-                        drift.push(Drift::ChangedChain {
-                            chain: c.name.clone(),
-                            want,
-                            have,
-                        });
-                    }
-                }
+        audit_chains(table, &current, &mut drift);
+        self.audit_rules(table, &mut drift)?;
+        for s in &table.sets {
+            if audit_set_header(s, &current, &mut drift) {
+                self.audit_elements(name, s, &mut drift)?;
             }
         }
-        for k in &current.chains {
-            if !table.chains.iter().any(|c| c.name == k.name) {
-                drift.push(Drift::ExtraChain {
-                    chain: k.name.clone(),
+        for k in &current.sets {
+            if !table.sets.iter().any(|s| s.name == k.name) {
+                drift.push(TableDrift::ExtraSet {
+                    set: k.name.clone(),
                 });
             }
         }
+        Ok(drift)
+    }
 
-        // Rules: desired text from our own encoding, actual from the dump.
-        let batch = encode(table)?;
-        let mut want_rules: Vec<Vec<RuleText>> = vec![Vec::new(); table.chains.len()];
-        for (i, m) in batch.messages().iter().enumerate() {
-            if let Object::Rule { chain, .. } = m.object {
-                if let Some(t) = rule_text(batch.message(i)) {
-                    want_rules[chain].push(t);
-                }
+    /// Rules, chain by chain: the desired text from our own encoding, the kernel's from a
+    /// GETRULE dump, aligned in order.
+    fn audit_rules(&mut self, table: &Table, drift: &mut Vec<TableDrift>) -> Result<(), NftError> {
+        let want_rules = want_rules(table)?;
+        let have_rules = self.have_rules(&table.name)?;
+        for (ci, c) in table.chains.iter().enumerate() {
+            let have: Vec<RuleText> = have_rules
+                .iter()
+                .filter(|r| r.chain == c.name)
+                .cloned()
+                .collect();
+            let (missing, extra) = diff_rules(&want_rules[ci], &have);
+            for r in missing {
+                drift.push(TableDrift::MissingRule {
+                    chain: c.name.clone(),
+                    comment: r.comment.clone().unwrap_or_default(),
+                    text: r.exprs_line(),
+                });
+            }
+            for r in extra {
+                drift.push(TableDrift::ExtraRule {
+                    chain: c.name.clone(),
+                    handle: r.handle,
+                    comment: r.comment.clone().unwrap_or_default(),
+                    text: r.exprs_line(),
+                });
             }
         }
+        Ok(())
+    }
+
+    /// Every rule of `table inet NAME` as text (GETRULE dump).
+    fn have_rules(&mut self, name: &str) -> Result<Vec<RuleText>, NftError> {
         let rules = self.dump(
             wire::NFT_MSG_GETRULE,
             &[(NFTA_RULE_TABLE, name)],
@@ -345,111 +438,59 @@ impl Nft {
                 }
             }
         }
-        for (ci, c) in table.chains.iter().enumerate() {
-            let have: Vec<RuleText> = have_rules
-                .iter()
-                .filter(|r| r.chain == c.name)
-                .cloned()
-                .collect();
-            let (missing, extra) = diff_rules(&want_rules[ci], &have);
-            for r in missing {
-                drift.push(Drift::MissingRule {
-                    chain: c.name.clone(),
-                    comment: r.comment.clone().unwrap_or_default(),
-                    text: r.exprs_line(),
-                });
-            }
-            for r in extra {
-                drift.push(Drift::ExtraRule {
-                    chain: c.name.clone(),
-                    handle: r.handle,
-                    comment: r.comment.clone().unwrap_or_default(),
-                    text: r.exprs_line(),
-                });
-            }
-        }
+        Ok(have_rules)
+    }
 
-        // Sets and their elements.
-        for s in &table.sets {
-            let (kt, kl) = match &s.elems {
-                crate::model::SetElems::V4(_) => (7, 4),
-                crate::model::SetElems::V6(_) => (8, 16),
-                crate::model::SetElems::Ports(_) => (13, 2),
+    /// A set's elements (GETSETELEM dump) against the desired intervals.
+    fn audit_elements(
+        &mut self,
+        name: &str,
+        s: &Set,
+        drift: &mut Vec<TableDrift>,
+    ) -> Result<(), NftError> {
+        let raw = self.dump(
+            wire::NFT_MSG_GETSETELEM,
+            &[
+                (wire::NFTA_SET_ELEM_LIST_TABLE, name),
+                (wire::NFTA_SET_ELEM_LIST_SET, &s.name),
+            ],
+            "GETSETELEM dump",
+        )?;
+        let mut have = intervals(parse_elems(&raw));
+        let mut want = s.elems.key_intervals();
+        want.sort();
+        have.sort();
+        let (mut i, mut j) = (0, 0);
+        while i < want.len() || j < have.len() {
+            let ord = match (want.get(i), have.get(j)) {
+                (Some(a), Some(b)) => a.cmp(b),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
             };
-            let want = set_desc(kt, kl, libc::NFT_SET_INTERVAL as u32);
-            let have = current
-                .sets
-                .iter()
-                .find(|k| k.name == s.name)
-                .map(|k| (k.name.clone(), set_desc(k.key_type, k.key_len, k.flags)));
-            match have {
-                None => {
-                    drift.push(Drift::MissingSet {
-                        set: s.name.clone(),
-                    });
-                    continue;
+            match ord {
+                std::cmp::Ordering::Equal => {
+                    i += 1;
+                    j += 1;
                 }
-                Some((_, have)) if have != want => {
-                    drift.push(Drift::ChangedSet {
+                std::cmp::Ordering::Less => {
+                    let (a, b) = &want[i];
+                    drift.push(TableDrift::MissingElement {
                         set: s.name.clone(),
-                        want,
-                        have,
+                        elem: interval_text(a, b.as_deref()),
                     });
-                    continue;
+                    i += 1;
                 }
-                Some(_) => {}
-            }
-            let raw = self.dump(
-                wire::NFT_MSG_GETSETELEM,
-                &[
-                    (wire::NFTA_SET_ELEM_LIST_TABLE, name),
-                    (wire::NFTA_SET_ELEM_LIST_SET, &s.name),
-                ],
-                "GETSETELEM dump",
-            )?;
-            let mut have = intervals(parse_elems(&raw));
-            let mut want = s.elems.key_intervals();
-            want.sort();
-            have.sort();
-            let (mut i, mut j) = (0, 0);
-            while i < want.len() || j < have.len() {
-                let ord = match (want.get(i), have.get(j)) {
-                    (Some(a), Some(b)) => a.cmp(b),
-                    (Some(_), None) => std::cmp::Ordering::Less,
-                    _ => std::cmp::Ordering::Greater,
-                };
-                match ord {
-                    std::cmp::Ordering::Equal => {
-                        i += 1;
-                        j += 1;
-                    }
-                    std::cmp::Ordering::Less => {
-                        let (a, b) = &want[i];
-                        drift.push(Drift::MissingElement {
-                            set: s.name.clone(),
-                            elem: interval_text(a, b.as_deref()),
-                        });
-                        i += 1;
-                    }
-                    std::cmp::Ordering::Greater => {
-                        let (a, b) = &have[j];
-                        drift.push(Drift::ExtraElement {
-                            set: s.name.clone(),
-                            elem: interval_text(a, b.as_deref()),
-                        });
-                        j += 1;
-                    }
+                std::cmp::Ordering::Greater => {
+                    let (a, b) = &have[j];
+                    drift.push(TableDrift::ExtraElement {
+                        set: s.name.clone(),
+                        elem: interval_text(a, b.as_deref()),
+                    });
+                    j += 1;
                 }
             }
         }
-        for k in &current.sets {
-            if !table.sets.iter().any(|s| s.name == k.name) {
-                drift.push(Drift::ExtraSet {
-                    set: k.name.clone(),
-                });
-            }
-        }
-        Ok(drift)
+        Ok(())
     }
 
     /// The chains and sets of `table inet NAME` now (empty when the table does not exist).

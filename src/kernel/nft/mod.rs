@@ -3,25 +3,21 @@
 //!
 //! - `expr`   nf_tables expressions the nftnl crate lacks (tproxy, redir, named lookup, payload)
 //! - `wire`   netlink framing: batch BEGIN/END, element messages, reply parsing
-//! - `encode` `model::Table` -> [`Batch`] (labelled messages; no socket)
+//! - `encode` `model::Table` -> `Batch` (labelled messages; no socket)
 //! - `text`   libnftnl's text form of rules (golden tests, audit)
 //! - `socket` [`Nft`]: open, generation id, apply, delete_table (edge)
-//! - `audit`  read back and compare -> [`Drift`] (edge)
+//! - `audit`  read back and compare -> [`TableDrift`] (edge)
 
 mod audit;
 mod encode;
 mod error;
-pub mod expr;
+mod expr;
 mod monitor;
 mod socket;
-pub mod text;
-pub mod wire;
+mod text;
+pub(crate) mod wire;
 
-pub use audit::Drift;
-pub use encode::{
-    elem_text, encode, encode_replace, hook_number, Batch, Current, CurrentChain, CurrentSet,
-    EncodeError, MsgInfo, Object,
-};
+pub use audit::TableDrift;
 pub use error::NftError;
-pub use monitor::{touches_table, NftMonitor};
+pub(crate) use monitor::NftMonitor;
 pub use socket::{ApplyReport, Nft};

@@ -48,7 +48,8 @@ pub struct ApplyReport {
 /// An nf_tables netlink socket (NETLINK_NETFILTER), bound to the network namespace of the
 /// thread that opened it.
 pub struct Nft {
-    sock: mnl::Socket,
+    /// Owns `fd` (closed when dropped).
+    _sock: mnl::Socket,
     fd: RawFd,
     seq: u32,
     sndbuf: usize,
@@ -64,7 +65,7 @@ pub struct Nft {
 unsafe impl Send for Nft {}
 
 /// How a sent batch ended.
-enum Outcome {
+enum BatchVerdict {
     Committed,
     /// Errors in sequence order.
     Refused(Vec<Ack>),
@@ -83,7 +84,7 @@ impl Nft {
             .map(|d| d.as_secs() as u32)
             .unwrap_or(1);
         let mut nft = Nft {
-            sock,
+            _sock: sock,
             fd,
             seq,
             sndbuf: 0,
@@ -95,11 +96,6 @@ impl Nft {
         nft.setsockopt(libc::SOL_NETLINK, NETLINK_CAP_ACK, 1, "NETLINK_CAP_ACK")?;
         nft.ensure_rcvbuf(MIN_RCVBUF)?;
         Ok(nft)
-    }
-
-    /// Sets how long reads wait for the kernel (default 10 s).
-    pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
     }
 
     /// Runs `f` on a socket2 view of our descriptor (for sendmsg, timeouts, non-blocking reads).
@@ -244,8 +240,8 @@ impl Nft {
             "sending nft batch"
         );
         match self.send_batch(&[&begin, batch.bytes(), &end], begin_seq, end_seq, bytes)? {
-            Outcome::Committed => {}
-            Outcome::Refused(errors) => {
+            BatchVerdict::Committed => {}
+            BatchVerdict::Refused(errors) => {
                 let first = errors[0];
                 if first.seq == begin_seq && first.errno == libc::ERESTART {
                     return Err(NftError::Concurrent {
@@ -271,7 +267,7 @@ impl Nft {
                     errno: first.errno,
                 });
             }
-            Outcome::Unknown(cause) => {
+            BatchVerdict::Unknown(cause) => {
                 // Decide on a fresh socket: this one may still hold stale replies.
                 let generation = Nft::open()?.generation()?;
                 if generation == gen_before {
@@ -314,13 +310,13 @@ impl Nft {
         let end = wire::batch_end(begin_seq + 2);
         let bytes = begin.len() + body.len() + end.len();
         match self.send_batch(&[&begin, &body, &end], begin_seq, begin_seq + 2, bytes)? {
-            Outcome::Committed => Ok(true),
-            Outcome::Refused(errors) if errors[0].errno == libc::ENOENT => Ok(false),
-            Outcome::Refused(errors) => Err(NftError::Refused {
+            BatchVerdict::Committed => Ok(true),
+            BatchVerdict::Refused(errors) if errors[0].errno == libc::ENOENT => Ok(false),
+            BatchVerdict::Refused(errors) => Err(NftError::Refused {
                 label: format!("delete table inet {name}"),
                 errno: errors[0].errno,
             }),
-            Outcome::Unknown(cause) => Err(NftError::Unknown {
+            BatchVerdict::Unknown(cause) => Err(NftError::Unknown {
                 cause,
                 generation: Nft::open()?.generation()?,
             }),
@@ -334,7 +330,7 @@ impl Nft {
         begin_seq: u32,
         end_seq: u32,
         bytes: usize,
-    ) -> Result<Outcome, NftError> {
+    ) -> Result<BatchVerdict, NftError> {
         let msgs = (end_seq - begin_seq + 1) as usize;
         self.ensure_sndbuf(bytes + 64 * 1024)?;
         self.ensure_rcvbuf(MIN_RCVBUF.max(msgs * RCVBUF_PER_MSG))?;
@@ -371,7 +367,7 @@ impl Nft {
             let n = match self.recv(wait) {
                 Ok(n) => n,
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    return Ok(Outcome::Unknown(
+                    return Ok(BatchVerdict::Unknown(
                         "ENOBUFS: acks overflowed the receive buffer".into(),
                     ));
                 }
@@ -379,7 +375,7 @@ impl Nft {
                     if !errors.is_empty() {
                         break;
                     }
-                    return Ok(Outcome::Unknown(format!(
+                    return Ok(BatchVerdict::Unknown(format!(
                         "no END ack within {} ms",
                         self.timeout.as_millis()
                     )));
@@ -410,11 +406,11 @@ impl Nft {
                 }
             }
             if errors.is_empty() && (end_acked || body_acked == body_count) {
-                return Ok(Outcome::Committed);
+                return Ok(BatchVerdict::Committed);
             }
         }
         errors.sort_by_key(|a| a.seq);
-        Ok(Outcome::Refused(errors))
+        Ok(BatchVerdict::Refused(errors))
     }
 
     /// One recv with a timeout (zero: don't wait); returns the byte count in `self.buf`.
@@ -540,11 +536,6 @@ impl Nft {
             Err(NftError::Request { errno, .. }) if errno == libc::ENOENT => Ok(false),
             Err(e) => Err(e),
         }
-    }
-
-    /// The netlink port id of this socket (for logs).
-    pub fn portid(&self) -> u32 {
-        self.sock.portid()
     }
 }
 

@@ -65,7 +65,9 @@ impl Drop for RawRule {
     }
 }
 
-/// libnftnl's full debug print of a NEWRULE message, exactly what `nft --debug=netlink` prints.
+/// libnftnl's full debug print of a NEWRULE message, exactly what `nft --debug=netlink` prints
+/// (the golden files of `encode_tests`).
+#[cfg(test)]
 pub fn rule_debug(msg: &[u8]) -> Option<String> {
     let r = RawRule::parse(msg)?;
     let mut buf = vec![0u8; 16 * 1024];

@@ -22,7 +22,7 @@ use super::message::{
     diff, route_dump_request, route_message, rule_message, Entry, RouteView, RuleView, LOOPBACK,
 };
 use super::{RouteChanges, RouteDrift, RouteError};
-use crate::config::ROUTE_PROTOCOL;
+use crate::model::ROUTE_PROTOCOL;
 use crate::model::{Family, IpRule, LocalRoute};
 
 /// A dumped entry, kept whole: deleting echoes the kernel's own message back (what `ip rule
@@ -72,11 +72,6 @@ impl Routing {
         routing.lo_index = routing.loopback_index().await?;
         debug!(lo_index = routing.lo_index, "rtnetlink connected");
         Ok(routing)
-    }
-
-    /// The ifindex of `lo` in this socket's namespace.
-    pub fn lo_index(&self) -> u32 {
-        self.lo_index
     }
 
     async fn loopback_index(&self) -> Result<u32, RouteError> {

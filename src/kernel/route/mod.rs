@@ -2,7 +2,7 @@
 //! `local default dev lo table T` routes that deliver TPROXY-marked packets to the local stack.
 //!
 //! - `message` is pure: model entries -> `RuleMessage` / `RouteMessage`, dumped messages ->
-//!   comparable [`RuleView`] / [`RouteView`], and the desired/observed [`diff`].
+//!   comparable `RuleView` / `RouteView`, and the desired/observed `diff`.
 //! - [`Routing`] is the edge: one rtnetlink socket in the namespace of the thread that connects;
 //!   it dumps, then adds and deletes, and makes no policy decisions.
 //!
@@ -18,10 +18,8 @@ use std::fmt;
 use std::io;
 
 pub use apply::Routing;
-pub use message::{
-    diff, route_dump_request, route_message, rule_message, Entry, RouteView, RuleView, LOOPBACK,
-};
-pub use monitor::RouteMonitor;
+pub(crate) use message::Entry;
+pub(crate) use monitor::RouteMonitor;
 
 /// Errors of the routing module; each names the step and, when there is one, the entry.
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +112,7 @@ mod tests {
     use crate::model::{Family, FwMark, IpRule, TableId};
 
     fn entry() -> Entry {
-        Entry::Rule(RuleView::from(&IpRule {
+        Entry::Rule(message::RuleView::from(&IpRule {
             family: Family::V4,
             mark: FwMark(0x1000),
             mask: FwMark(0x3000),

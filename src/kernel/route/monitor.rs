@@ -87,8 +87,8 @@ impl RouteMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ROUTE_PROTOCOL;
     use crate::kernel::route::message::{route_message, rule_message};
+    use crate::model::ROUTE_PROTOCOL;
     use crate::model::{Family, FwMark, IpRule, LocalRoute, TableId};
 
     fn wrap(m: RouteNetlinkMessage) -> NetlinkMessage<RouteNetlinkMessage> {
