@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::dataplane::fdlimit::{self, Spare};
-use crate::metrics::Metrics;
+use crate::metrics::{FlowLabels, Metrics};
 
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,8 +36,9 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Listeners bound and ruleset applied.
     pub ready: AtomicBool,
-    /// The text `etp status` prints.
-    pub status: Mutex<String>,
+    /// The text `etp status` prints (without its counters), and the flow series whose
+    /// counters it lists.
+    status: Mutex<(String, Vec<FlowLabels>)>,
 }
 
 impl AdminState {
@@ -45,12 +46,12 @@ impl AdminState {
         Arc::new(AdminState {
             metrics,
             ready: AtomicBool::new(false),
-            status: Mutex::new("starting\n".to_string()),
+            status: Mutex::new(("starting\n".to_string(), Vec::new())),
         })
     }
 
-    pub fn set_status(&self, text: String) {
-        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = text;
+    pub fn set_status(&self, text: String, flows: Vec<FlowLabels>) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = (text, flows);
     }
 }
 
@@ -143,20 +144,14 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
             }
         }
         "/status" => {
-            let mut body = state
+            let (mut body, flows) = state
                 .status
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
             // Counters are read live, not from the daemon's last status snapshot.
             body.push_str("counters:\n");
-            for line in state.metrics.encode().lines() {
-                if line.starts_with("etp_") && !line.starts_with("etp_build_info") {
-                    body.push_str("  ");
-                    body.push_str(line);
-                    body.push('\n');
-                }
-            }
+            body.push_str(&state.metrics.status_counters(&flows));
             respond(&mut stream, 200, "text/plain", &body).await
         }
         _ => {

@@ -19,9 +19,9 @@ use tracing::{debug, error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::classify::Decision;
 use crate::config::{Config, ConfigError};
-use crate::dataplane::{Dataplane, FlowPolicy, ListenError, Listeners};
+use crate::dataplane::{Dataplane, FlowPolicy, ListenError, Listeners, UNMATCHED};
 use crate::kernel::{Change, Kernel, KernelError, Monitor};
-use crate::metrics::{Metrics, ResultLabels};
+use crate::metrics::{FlowLabels, Metrics, ResultLabels};
 use crate::model::{Desired, Proto};
 use crate::plan;
 use crate::telemetry::chain;
@@ -518,19 +518,30 @@ impl Daemon {
         }
         let _ = writeln!(s, "routes:");
         for r in &self.cfg.routes {
-            let protos: Vec<String> = r.protocols.iter().map(|p| p.to_string()).collect();
-            let _ = writeln!(
-                s,
-                "  {:<16} {:<8} {:<24} {} destinations, {} port ranges",
-                r.name,
-                protos.join("+"),
-                r.action.to_string(),
-                r.destinations.len(),
-                r.ports.len()
-            );
+            let _ = writeln!(s, "  {}", r.summary());
         }
-        self.admin.set_status(s);
+        self.admin.set_status(s, status_series(&self.cfg));
     }
+}
+
+/// The flow series `etp status` reports counters for: every route's (action, protocol), and
+/// the unmatched flows.
+fn status_series(cfg: &Config) -> Vec<FlowLabels> {
+    let labels = |route: &str, action: &str, proto: Proto| FlowLabels {
+        route: route.to_string(),
+        action: action.to_string(),
+        proto: proto.to_string(),
+    };
+    let mut out = Vec::new();
+    for r in &cfg.routes {
+        for p in &r.protocols {
+            out.push(labels(&r.name, r.action.label(), *p));
+        }
+    }
+    for p in [Proto::Tcp, Proto::Udp] {
+        out.push(labels(UNMATCHED, "direct", p));
+    }
+    out
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit. A spliced TCP flow holds up to six

@@ -242,21 +242,7 @@ fn summary(cfg: &Config) -> String {
         let _ = writeln!(s, "{r}");
     }
     for (i, r) in cfg.routes.iter().enumerate() {
-        let protos: Vec<String> = r.protocols.iter().map(|p| p.to_string()).collect();
-        let _ = writeln!(
-            s,
-            "route {i} {}: {} -> {} ({} destinations, {} port ranges{})",
-            r.name,
-            protos.join("+"),
-            r.action,
-            r.destinations.len(),
-            r.ports.len(),
-            if r.sources.is_empty() {
-                String::new()
-            } else {
-                format!(", {} sources", r.sources.len())
-            }
-        );
+        let _ = writeln!(s, "route {i} {}", r.summary());
     }
     s
 }

@@ -129,43 +129,101 @@ impl SetElems {
         }
     }
 
-    /// Intervals as raw big-endian keys: `(start, end_exclusive)`; `None` as end means the
+    /// Interval `i` as raw big-endian keys: `(start, end_exclusive)`; `None` as end means the
     /// interval runs to the top of the key space (the kernel then gets no end element).
-    pub fn key_intervals(&self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    pub fn key_interval(&self, i: usize) -> (Vec<u8>, Option<Vec<u8>>) {
         match self {
-            SetElems::V4(nets) => nets
-                .iter()
-                .map(|n| {
-                    let start = u32::from(n.network());
-                    let end = u32::from(n.broadcast()).checked_add(1);
-                    (
-                        start.to_be_bytes().to_vec(),
-                        end.map(|e| e.to_be_bytes().to_vec()),
-                    )
-                })
-                .collect(),
-            SetElems::V6(nets) => nets
-                .iter()
-                .map(|n| {
-                    let start = u128::from(n.network());
-                    let end = u128::from(v6_last(n)).checked_add(1);
-                    (
-                        start.to_be_bytes().to_vec(),
-                        end.map(|e| e.to_be_bytes().to_vec()),
-                    )
-                })
-                .collect(),
-            SetElems::Ports(ranges) => ranges
-                .iter()
-                .map(|r| {
-                    let end = r.last.checked_add(1);
-                    (
-                        r.first.to_be_bytes().to_vec(),
-                        end.map(|e| e.to_be_bytes().to_vec()),
-                    )
-                })
-                .collect(),
+            SetElems::V4(nets) => {
+                let n = nets[i];
+                let end = u32::from(v4_last(&n)).checked_add(1);
+                (
+                    u32::from(n.network()).to_be_bytes().to_vec(),
+                    end.map(|e| e.to_be_bytes().to_vec()),
+                )
+            }
+            SetElems::V6(nets) => {
+                let n = nets[i];
+                let end = u128::from(v6_last(&n)).checked_add(1);
+                (
+                    u128::from(n.network()).to_be_bytes().to_vec(),
+                    end.map(|e| e.to_be_bytes().to_vec()),
+                )
+            }
+            SetElems::Ports(ranges) => {
+                let r = ranges[i];
+                let end = r.last.checked_add(1);
+                (
+                    r.first.to_be_bytes().to_vec(),
+                    end.map(|e| e.to_be_bytes().to_vec()),
+                )
+            }
         }
+    }
+
+    /// Every interval as raw keys ([`SetElems::key_interval`]).
+    pub fn key_intervals(&self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        (0..self.len()).map(|i| self.key_interval(i)).collect()
+    }
+
+    /// Element `i` as nft prints it (`#i` when there is none).
+    pub fn elem_text(&self, i: usize) -> String {
+        if i >= self.len() {
+            return format!("#{i}");
+        }
+        let (start, end) = self.key_interval(i);
+        interval_text(&start, end.as_deref())
+    }
+}
+
+/// An interval of raw big-endian keys as nft shows it: `10.0.0.0/8`, `10.0.0.1`, `1-65535`,
+/// or `a-b` when the range is not a prefix. `end` is exclusive; `None` runs to the top.
+pub fn interval_text(start: &[u8], end: Option<&[u8]>) -> String {
+    match start.len() {
+        2 => {
+            let s = u16::from_be_bytes([start[0], start[1]]);
+            let last = end
+                .map(|e| u16::from_be_bytes([e[0], e[1]]).wrapping_sub(1))
+                .unwrap_or(u16::MAX);
+            if s == last {
+                s.to_string()
+            } else {
+                format!("{s}-{last}")
+            }
+        }
+        4 | 16 => {
+            let bits = start.len() as u32 * 8;
+            let to_u128 = |b: &[u8]| b.iter().fold(0u128, |a, &x| (a << 8) | u128::from(x));
+            let s = to_u128(start);
+            let top = if bits == 128 {
+                u128::MAX
+            } else {
+                (1u128 << bits) - 1
+            };
+            let last = end.map(|e| to_u128(e).wrapping_sub(1)).unwrap_or(top);
+            let show = |v: u128| -> String {
+                if bits == 32 {
+                    Ipv4Addr::from(v as u32).to_string()
+                } else {
+                    Ipv6Addr::from(v).to_string()
+                }
+            };
+            let size = last.wrapping_sub(s).wrapping_add(1);
+            let host_bits = if size == 0 {
+                bits
+            } else {
+                size.trailing_zeros()
+            };
+            let is_prefix = (size == 0 || size.is_power_of_two())
+                && (host_bits >= 128 || s & ((1u128 << host_bits) - 1) == 0);
+            if s == last {
+                show(s)
+            } else if is_prefix {
+                format!("{}/{}", show(s), bits - host_bits.min(bits))
+            } else {
+                format!("{}-{}", show(s), show(last))
+            }
+        }
+        _ => format!("{start:02x?}"),
     }
 }
 
@@ -381,38 +439,13 @@ impl fmt::Display for ChainType {
 
 impl fmt::Display for SetElems {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fn join<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> fmt::Result {
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    f.write_str(",\n\t\t\t     ")?;
-                }
-                write!(f, "{item}")?;
+        for i in 0..self.len() {
+            if i > 0 {
+                f.write_str(",\n\t\t\t     ")?;
             }
-            Ok(())
+            f.write_str(&self.elem_text(i))?;
         }
-        // nft prints a single address without its /32 or /128.
-        let host = |ip: String, prefix: u8, full: u8| {
-            if prefix == full {
-                ip
-            } else {
-                format!("{ip}/{prefix}")
-            }
-        };
-        match self {
-            SetElems::V4(v) => join(
-                f,
-                &v.iter()
-                    .map(|n| host(n.ip().to_string(), n.prefix(), 32))
-                    .collect::<Vec<_>>(),
-            ),
-            SetElems::V6(v) => join(
-                f,
-                &v.iter()
-                    .map(|n| host(n.ip().to_string(), n.prefix(), 128))
-                    .collect::<Vec<_>>(),
-            ),
-            SetElems::Ports(v) => join(f, v),
-        }
+        Ok(())
     }
 }
 
@@ -510,4 +543,60 @@ pub enum RelayMode {
     Copy,
     /// Always splice(2) through a pipe per direction.
     Splice,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_text_prints_like_nft() {
+        assert_eq!(
+            interval_text(&[10, 0, 0, 0], Some(&[11, 0, 0, 0])),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            interval_text(&[10, 0, 0, 1], Some(&[10, 0, 0, 2])),
+            "10.0.0.1"
+        );
+        assert_eq!(interval_text(&[0, 0, 0, 0], None), "0.0.0.0/0");
+        assert_eq!(
+            interval_text(&[10, 0, 0, 1], Some(&[10, 0, 0, 4])),
+            "10.0.0.1-10.0.0.3"
+        );
+        assert_eq!(interval_text(&[0, 1], None), "1-65535");
+        assert_eq!(interval_text(&[0, 53], Some(&[0, 54])), "53");
+        let mut v6 = [0u8; 16];
+        v6[0] = 0xfd;
+        let mut v6e = v6;
+        v6e[15] = 1;
+        assert_eq!(interval_text(&v6, Some(&v6e)), "fd00::");
+        v6e[15] = 0;
+        v6e[13] = 1;
+        assert_eq!(interval_text(&v6, Some(&v6e)), "fd00::/112");
+    }
+
+    #[test]
+    fn elem_text_is_interval_text_of_the_keys() {
+        let v4 = SetElems::V4(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "10.0.0.1/32".parse().unwrap(),
+        ]);
+        assert_eq!(v4.elem_text(0), "10.0.0.0/8");
+        assert_eq!(v4.elem_text(1), "10.0.0.1");
+        assert_eq!(v4.elem_text(2), "#2");
+        let ports = SetElems::Ports(vec![
+            PortRange {
+                first: 53,
+                last: 53,
+            },
+            PortRange {
+                first: 1,
+                last: 65535,
+            },
+        ]);
+        assert_eq!(ports.elem_text(0), "53");
+        assert_eq!(ports.elem_text(1), "1-65535");
+        assert_eq!(ports.key_interval(1), (vec![0, 1], None));
+    }
 }

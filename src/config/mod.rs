@@ -165,6 +165,17 @@ pub enum Action {
     Forward(SocketAddr),
 }
 
+impl Action {
+    /// The metrics label: "linkerd", "direct" or "forward".
+    pub fn label(&self) -> &'static str {
+        match self {
+            Action::Linkerd => "linkerd",
+            Action::Direct => "direct",
+            Action::Forward(_) => "forward",
+        }
+    }
+}
+
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -196,6 +207,25 @@ impl Route {
     /// The comment on this route's rules; `nft list ruleset` shows it.
     pub fn comment(&self, proto: Proto) -> String {
         format!("etp route {}: {} -> {}", self.name, proto, self.action)
+    }
+
+    /// One line for `etp check` and `etp status`:
+    /// `NAME: tcp+udp -> ACTION (N destinations, M port ranges[, K sources])`.
+    pub fn summary(&self) -> String {
+        let protos: Vec<String> = self.protocols.iter().map(|p| p.to_string()).collect();
+        let sources = if self.sources.is_empty() {
+            String::new()
+        } else {
+            format!(", {} sources", self.sources.len())
+        };
+        format!(
+            "{}: {} -> {} ({} destinations, {} port ranges{sources})",
+            self.name,
+            protos.join("+"),
+            self.action,
+            self.destinations.len(),
+            self.ports.len()
+        )
     }
 
     /// The longest comment the planner writes for this route: the drain table's local rule

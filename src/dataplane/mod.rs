@@ -35,6 +35,7 @@ use crate::dataplane::fdlimit::Pressure;
 use crate::metrics::Metrics;
 
 pub use listen::{ListenError, Listeners};
+pub(crate) use upstream::UNMATCHED;
 
 /// The destination a client addressed (TCP: the accepted socket's local address; UDP: the
 /// `IP(V6)_ORIGDSTADDR` control message), v4-mapped addresses unmapped.

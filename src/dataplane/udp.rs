@@ -45,6 +45,10 @@ thread_local! {
 type Key = (ClientAddr, OrigDst);
 
 fn drop_count(m: &Metrics, reason: &'static str) {
+    debug_assert!(
+        crate::metrics::UDP_DROP_REASONS.contains(&reason),
+        "{reason}"
+    );
     m.udp_dropped_total
         .get_or_create(&ReasonLabels { reason })
         .inc();

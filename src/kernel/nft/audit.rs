@@ -7,12 +7,12 @@
 
 use std::fmt;
 
-use super::encode::{encode, Current, CurrentChain, CurrentSet, Object};
+use super::encode::{encode, key_type, Current, CurrentChain, CurrentSet, Object};
 use super::error::NftError;
 use super::socket::Nft;
 use super::text::{rule_text, RuleText};
 use super::wire::{self, Attrs, Msgs};
-use crate::model::{Set, Table};
+use crate::model::{interval_text, Set, Table};
 
 /// A difference between the kernel and the desired table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,58 +146,6 @@ fn chain_desc(kind: &str, hook: &str, prio: i32) -> String {
 
 fn set_desc(key_type: u32, key_len: u32, flags: u32) -> String {
     format!("key type {key_type} len {key_len} flags {flags:#x}")
-}
-
-/// An interval as nft shows it: `10.0.0.0/8`, `10.0.0.1`, `1-65535`, or `a-b` when the range
-/// is not a prefix.
-pub fn interval_text(start: &[u8], end: Option<&[u8]>) -> String {
-    match start.len() {
-        2 => {
-            let s = u16::from_be_bytes([start[0], start[1]]);
-            let last = end
-                .map(|e| u16::from_be_bytes([e[0], e[1]]).wrapping_sub(1))
-                .unwrap_or(u16::MAX);
-            if s == last {
-                s.to_string()
-            } else {
-                format!("{s}-{last}")
-            }
-        }
-        4 | 16 => {
-            let bits = start.len() as u32 * 8;
-            let to_u128 = |b: &[u8]| b.iter().fold(0u128, |a, &x| (a << 8) | u128::from(x));
-            let s = to_u128(start);
-            let top = if bits == 128 {
-                u128::MAX
-            } else {
-                (1u128 << bits) - 1
-            };
-            let last = end.map(|e| to_u128(e).wrapping_sub(1)).unwrap_or(top);
-            let show = |v: u128| -> String {
-                if bits == 32 {
-                    std::net::Ipv4Addr::from(v as u32).to_string()
-                } else {
-                    std::net::Ipv6Addr::from(v).to_string()
-                }
-            };
-            let size = last.wrapping_sub(s).wrapping_add(1);
-            let host_bits = if size == 0 {
-                bits
-            } else {
-                size.trailing_zeros()
-            };
-            let is_prefix = (size == 0 || size.is_power_of_two())
-                && (host_bits >= 128 || s & ((1u128 << host_bits) - 1) == 0);
-            if s == last {
-                show(s)
-            } else if is_prefix {
-                format!("{}/{}", show(s), bits - host_bits.min(bits))
-            } else {
-                format!("{}-{}", show(s), show(last))
-            }
-        }
-        _ => format!("{start:02x?}"),
-    }
 }
 
 /// Rebuilds intervals from dumped elements `(key, is_end)`: sorted by key with ends before
@@ -334,11 +282,7 @@ fn want_rules(table: &Table) -> Result<Vec<Vec<RuleText>>, NftError> {
 /// A desired set against the kernel's: `false` (drift recorded) when it is missing or its
 /// key type, length or flags differ, so its elements are not worth comparing.
 fn audit_set_header(s: &Set, current: &Current, drift: &mut Vec<TableDrift>) -> bool {
-    let (kt, kl) = match &s.elems {
-        crate::model::SetElems::V4(_) => (7, 4),
-        crate::model::SetElems::V6(_) => (8, 16),
-        crate::model::SetElems::Ports(_) => (13, 2),
-    };
+    let (kt, kl) = key_type(&s.elems);
     let want = set_desc(kt, kl, libc::NFT_SET_INTERVAL as u32);
     let have = current
         .sets
@@ -571,33 +515,6 @@ impl Nft {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn interval_text_prints_like_nft() {
-        assert_eq!(
-            interval_text(&[10, 0, 0, 0], Some(&[11, 0, 0, 0])),
-            "10.0.0.0/8"
-        );
-        assert_eq!(
-            interval_text(&[10, 0, 0, 1], Some(&[10, 0, 0, 2])),
-            "10.0.0.1"
-        );
-        assert_eq!(interval_text(&[0, 0, 0, 0], None), "0.0.0.0/0");
-        assert_eq!(
-            interval_text(&[10, 0, 0, 1], Some(&[10, 0, 0, 4])),
-            "10.0.0.1-10.0.0.3"
-        );
-        assert_eq!(interval_text(&[0, 1], None), "1-65535");
-        assert_eq!(interval_text(&[0, 53], Some(&[0, 54])), "53");
-        let mut v6 = [0u8; 16];
-        v6[0] = 0xfd;
-        let mut v6e = v6;
-        v6e[15] = 1;
-        assert_eq!(interval_text(&v6, Some(&v6e)), "fd00::");
-        v6e[15] = 0;
-        v6e[13] = 1;
-        assert_eq!(interval_text(&v6, Some(&v6e)), "fd00::/112");
-    }
 
     #[test]
     fn intervals_rebuild_descending_dumps_with_adjacent_ranges() {

@@ -196,14 +196,14 @@ impl Batch {
                     Some(i) => format!(
                         "set {} element {}{}",
                         s.name,
-                        elem_text(&s.elems, first + i),
+                        s.elems.elem_text(first + i),
                         used_by(table, set)
                     ),
                     None => format!(
                         "set {} elements {} .. {}{}",
                         s.name,
-                        elem_text(&s.elems, first),
-                        elem_text(&s.elems, first + count.saturating_sub(1)),
+                        s.elems.elem_text(first),
+                        s.elems.elem_text(first + count.saturating_sub(1)),
                         used_by(table, set)
                     ),
                 }
@@ -245,28 +245,6 @@ fn used_by(table: &Table, set: usize) -> String {
         .unwrap_or_default()
 }
 
-/// The element `i` of a set as nft prints it.
-pub fn elem_text(elems: &SetElems, i: usize) -> String {
-    match elems {
-        SetElems::V4(v) => v.get(i).map(|n| {
-            if n.prefix() == 32 {
-                n.ip().to_string()
-            } else {
-                n.to_string()
-            }
-        }),
-        SetElems::V6(v) => v.get(i).map(|n| {
-            if n.prefix() == 128 {
-                n.ip().to_string()
-            } else {
-                n.to_string()
-            }
-        }),
-        SetElems::Ports(v) => v.get(i).map(|p| p.to_string()),
-    }
-    .unwrap_or_else(|| format!("#{i}"))
-}
-
 /// Which interval (counted from the message's first) contains byte `offset` of an element
 /// message: each interval is a start element, optionally followed by an end element.
 fn element_at(msg: &[u8], offset: usize) -> Option<usize> {
@@ -298,43 +276,8 @@ fn element_at(msg: &[u8], offset: usize) -> Option<usize> {
     None
 }
 
-/// Raw big-endian key(s) of interval `i`: (start, exclusive end or None at the top, key length).
-fn interval(elems: &SetElems, i: usize) -> ([u8; 16], Option<[u8; 16]>, usize) {
-    let mut s = [0u8; 16];
-    let mut e = [0u8; 16];
-    match elems {
-        SetElems::V4(v) => {
-            let n = v[i];
-            s[..4].copy_from_slice(&u32::from(n.network()).to_be_bytes());
-            let end = u32::from(model::v4_last(&n)).checked_add(1);
-            if let Some(x) = end {
-                e[..4].copy_from_slice(&x.to_be_bytes());
-            }
-            (s, end.map(|_| e), 4)
-        }
-        SetElems::V6(v) => {
-            let n = v[i];
-            s.copy_from_slice(&u128::from(n.network()).to_be_bytes());
-            let end = u128::from(model::v6_last(&n)).checked_add(1);
-            if let Some(x) = end {
-                e.copy_from_slice(&x.to_be_bytes());
-            }
-            (s, end.map(|_| e), 16)
-        }
-        SetElems::Ports(v) => {
-            let r = v[i];
-            s[..2].copy_from_slice(&r.first.to_be_bytes());
-            let end = r.last.checked_add(1);
-            if let Some(x) = end {
-                e[..2].copy_from_slice(&x.to_be_bytes());
-            }
-            (s, end.map(|_| e), 2)
-        }
-    }
-}
-
 /// nft's key type id and length for a set's elements.
-fn key_type(elems: &SetElems) -> (u32, u32) {
+pub(super) fn key_type(elems: &SetElems) -> (u32, u32) {
     match elems {
         SetElems::V4(_) => (7, 4),     // ipv4_addr
         SetElems::V6(_) => (8, 16),    // ipv6_addr
@@ -459,10 +402,10 @@ impl Builder {
             let nest = wire::nest_start(b, wire::NFTA_SET_ELEM_LIST_ELEMENTS);
             let first = i;
             while i < n && b.len() - nest < ELEMS_BUDGET {
-                let (k, end, klen) = interval(&set.elems, i);
+                let (k, end) = set.elems.key_interval(i);
                 let e = wire::nest_start(b, wire::NFTA_LIST_ELEM);
                 let key = wire::nest_start(b, wire::NFTA_SET_ELEM_KEY);
-                wire::put_attr(b, wire::NFTA_DATA_VALUE, &k[..klen]);
+                wire::put_attr(b, wire::NFTA_DATA_VALUE, &k);
                 wire::nest_end(b, key);
                 if end.is_none() {
                     wire::put_attr(b, wire::NFTA_SET_ELEM_USERDATA, &UDATA_INTERVAL_OPEN);
@@ -476,7 +419,7 @@ impl Builder {
                         &wire::NFT_SET_ELEM_INTERVAL_END.to_be_bytes(),
                     );
                     let key = wire::nest_start(b, wire::NFTA_SET_ELEM_KEY);
-                    wire::put_attr(b, wire::NFTA_DATA_VALUE, &end[..klen]);
+                    wire::put_attr(b, wire::NFTA_DATA_VALUE, &end);
                     wire::nest_end(b, key);
                     wire::nest_end(b, e);
                 }

@@ -263,6 +263,6 @@ fn big_sets_split_into_messages_that_fit_and_labels_find_the_element() {
     let third_end = wire::Attrs(elems).nth(5).unwrap().1; // start,end pairs: 5 = 3rd end
     let off = third_end.as_ptr() as usize - msg.as_ptr() as usize;
     let label = batch.label(&table, idx, Some(off as u32));
-    let want = elem_text(&table.sets[0].elems, first + 2);
+    let want = table.sets[0].elems.elem_text(first + 2);
     assert_eq!(label, format!("set r0_big_dst4 element {want}"));
 }
