@@ -11,6 +11,7 @@
 //! current one when it starts; established flows keep the routes they started with.
 
 pub(crate) mod fdlimit;
+mod flow_metrics;
 mod flow_table;
 mod listen;
 mod relay;

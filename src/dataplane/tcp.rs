@@ -6,17 +6,16 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
+use super::flow_metrics::{count_upstream_error, FlowMetrics};
 use super::upstream::{connect_tcp, decide_flow};
 use super::{ClientAddr, Dataplane, FlowPolicy, OrigDst};
 use crate::dataplane::fdlimit::{self, Pressure};
-use crate::dataplane::relay::{self, Counters, End};
+use crate::dataplane::relay::{self, End};
 use crate::dataplane::sockopt;
-use crate::metrics::{ByteLabels, Direction, ErrorKind, ErrorLabels, FlowLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::model::Proto;
 
 pub(super) async fn accept_loop(dp: &Dataplane, listener: TcpListener) {
@@ -74,15 +73,6 @@ pub(super) async fn accept_loop(dp: &Dataplane, listener: TcpListener) {
     }
 }
 
-/// Decrements a flow's active gauge when the flow ends, however it ends.
-struct Active(Gauge);
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 async fn handle(
     rt: Arc<FlowPolicy>,
     metrics: Arc<Metrics>,
@@ -93,14 +83,7 @@ async fn handle(
 ) {
     let start = Instant::now();
     let decision = decide_flow(&rt, Proto::Tcp, c, d);
-    let labels = FlowLabels {
-        route: decision.route.clone(),
-        action: decision.action.to_string(),
-        proto: "tcp".to_string(),
-    };
-    metrics.flows_total.get_or_create(&labels).inc();
-    let active = Active(Gauge::clone(&metrics.flows_active.get_or_create(&labels)));
-    active.0.inc();
+    let flow_metrics = FlowMetrics::start(&metrics, &decision, Proto::Tcp);
     debug!(client = %c, orig_dst = %d, route = %decision.route, action = %decision.action, "accepted");
     // The client leg inherited TCP_NODELAY and keepalive from the listener (listen.rs); the
     // upstream leg gets TCP_NODELAY at connect and keepalive from the relay.
@@ -117,14 +100,7 @@ async fn handle(
                     backoff_ms = backoff.as_millis() as u64,
                     "upstream socket: out of file descriptors or memory, accepts back off");
             }
-            let kind = ErrorKind::of(&e);
-            metrics
-                .upstream_errors_total
-                .get_or_create(&ErrorLabels {
-                    route: decision.route.clone(),
-                    kind: kind.as_str(),
-                })
-                .inc();
+            let kind = count_upstream_error(&metrics, &decision.route, &e);
             debug!(client = %c, orig_dst = %d, route = %decision.route, upstream = %decision.target,
                 %kind, error = %e, "upstream connect failed, resetting the client");
             // SO_LINGER 0: the close below sends a RST, so the client fails at once instead of
@@ -137,21 +113,11 @@ async fn handle(
         local = %upstream.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         mark = %format_args!("{:#x}", decision.mark), "upstream connected");
 
-    let bytes = |direction| {
-        Counter::clone(&metrics.bytes_total.get_or_create(&ByteLabels {
-            route: decision.route.clone(),
-            direction: Direction::as_str(direction),
-        }))
-    };
-    let counters = Counters {
-        client_to_upstream: bytes(Direction::ClientToUpstream),
-        upstream_to_client: bytes(Direction::UpstreamToClient),
-    };
     let out = relay::relay(
         &client,
         &upstream,
         rt.limits.tcp_idle_timeout,
-        &counters,
+        &flow_metrics.bytes,
         rt.limits.relay,
     )
     .await;
@@ -164,5 +130,5 @@ async fn handle(
             bytes_to_upstream = out.client_to_upstream, bytes_to_client = out.upstream_to_client,
             duration_ms, %end, "closed"),
     }
-    drop(active);
+    drop(flow_metrics);
 }

@@ -16,21 +16,18 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::flow_metrics::{count_upstream_error, FlowMetrics};
 use super::flow_table::{FlowTable, Room};
 use super::upstream::{decide_flow, reply_socket, udp_upstream, FlowDecision};
 use super::{ClientAddr, Dataplane, FlowGuard, OrigDst};
 use crate::dataplane::sockopt;
 use crate::kernel::conntrack::Conntrack;
-use crate::metrics::{
-    ByteLabels, Direction, ErrorKind, ErrorLabels, FlowLabels, Metrics, ReasonLabels,
-};
+use crate::metrics::{Metrics, ReasonLabels};
 use crate::model::Proto;
 
 /// How often the receive loop forgets finished flows and unused reply sockets.
@@ -185,13 +182,7 @@ impl<'a> RecvLoop<'a> {
         let up = match udp_upstream(decision.target, decision.mark) {
             Ok(u) => u,
             Err(e) => {
-                let kind = ErrorKind::of(&e);
-                m.upstream_errors_total
-                    .get_or_create(&ErrorLabels {
-                        route: decision.route.clone(),
-                        kind: kind.as_str(),
-                    })
-                    .inc();
+                count_upstream_error(m, &decision.route, &e);
                 debug!(client = %key.0, orig_dst = %key.1, upstream = %decision.target, error = %e,
                     "udp upstream socket failed");
                 drop_count(m, "upstream");
@@ -211,13 +202,7 @@ impl<'a> RecvLoop<'a> {
             metrics: Arc::clone(&dp.metrics),
             _guard: dp.flows.enter(),
         };
-        let cancelled = dp.flows.cancelled();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = f.run(rx) => {}
-                _ = cancelled => {}
-            }
-        });
+        spawn_flow(f, rx, dp.flows.cancelled());
     }
 
     /// Below `max` flows: finished flows go first, then the least recently used (dropping an
@@ -274,6 +259,20 @@ impl<'a> RecvLoop<'a> {
     }
 }
 
+/// Runs a flow's task until it ends or the drain deadline cancels it.
+fn spawn_flow(
+    f: Flow,
+    rx: mpsc::Receiver<Vec<u8>>,
+    cancelled: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = f.run(rx) => {}
+            _ = cancelled => {}
+        }
+    })
+}
+
 struct Flow {
     client: ClientAddr,
     orig: OrigDst,
@@ -288,24 +287,11 @@ struct Flow {
 impl Flow {
     async fn run(self, mut rx: mpsc::Receiver<Vec<u8>>) {
         let start = Instant::now();
-        let m = &self.metrics;
-        let labels = FlowLabels {
-            route: self.decision.route.clone(),
-            action: self.decision.action.to_string(),
-            proto: "udp".to_string(),
-        };
-        m.flows_total.get_or_create(&labels).inc();
-        let active = Gauge::clone(&m.flows_active.get_or_create(&labels));
-        active.inc();
-        let bytes = |direction| {
-            Counter::clone(&m.bytes_total.get_or_create(&ByteLabels {
-                route: self.decision.route.clone(),
-                direction: Direction::as_str(direction),
-            }))
-        };
+        // Dropped with this future, also when the drain deadline cancels it.
+        let flow_metrics = FlowMetrics::start(&self.metrics, &self.decision, Proto::Udp);
         let (c2u, u2c) = (
-            bytes(Direction::ClientToUpstream),
-            bytes(Direction::UpstreamToClient),
+            &flow_metrics.bytes.client_to_upstream,
+            &flow_metrics.bytes.upstream_to_client,
         );
         debug!(client = %self.client, orig_dst = %self.orig, route = %self.decision.route,
             action = %self.decision.action, upstream = %self.decision.target, "udp flow started");
@@ -347,7 +333,7 @@ impl Flow {
             }
             idle.as_mut().reset(tokio::time::Instant::now() + self.idle);
         };
-        active.dec();
+        drop(flow_metrics);
         debug!(client = %self.client, orig_dst = %self.orig, route = %self.decision.route,
             bytes_to_upstream = sent, bytes_to_client = received,
             duration_ms = start.elapsed().as_millis() as u64, end, "udp flow closed");
@@ -374,5 +360,64 @@ impl Flow {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::Flows;
+    use crate::metrics::FlowLabels;
+
+    /// A flow the drain deadline cancels is no longer counted open (its task is dropped
+    /// mid-flow, so the decrement must not depend on the task running to its end).
+    #[tokio::test]
+    async fn a_cancelled_flow_is_no_longer_counted_open() {
+        let metrics = Arc::new(Metrics::new());
+        let flows = Arc::new(Flows::new());
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = server.local_addr().unwrap();
+        let up = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        up.connect(target).await.unwrap();
+        let reply = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let client = ClientAddr(reply.local_addr().unwrap());
+        let f = Flow {
+            client,
+            orig: OrigDst(target),
+            decision: FlowDecision {
+                route: "r".into(),
+                action: "direct",
+                target,
+                mark: 0,
+                bind_client: false,
+            },
+            up,
+            reply,
+            idle: Duration::from_secs(60),
+            metrics: Arc::clone(&metrics),
+            _guard: flows.enter(),
+        };
+        let labels = FlowLabels {
+            route: "r".into(),
+            action: "direct".into(),
+            proto: "udp".into(),
+        };
+        let open = || metrics.flows_active.get(&labels).map_or(0, |g| g.get());
+        let (tx, rx) = mpsc::channel(1);
+        let task = spawn_flow(f, rx, flows.cancelled());
+        for _ in 0..200 {
+            if open() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(open(), 1, "the flow is counted open while it runs");
+        let _ = flows.cancel.send(true);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the cancelled task ends")
+            .unwrap();
+        assert_eq!(open(), 0, "a cancelled flow still counted open");
+        drop(tx);
     }
 }
