@@ -4,8 +4,6 @@
 //! sockets belong to the namespace of the thread that creates them. `nft` is the witness.
 mod common;
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::Netns;
@@ -21,16 +19,9 @@ fn local_config() -> Config {
 
 /// Runs `f` on a thread inside `ns` and returns its result.
 fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: setns on this thread only, with a valid namespace fd kept open for the call.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
+    common::topo::in_netns(&ns.name, f)
+        .join()
+        .expect("netns thread panicked")
 }
 
 fn apply_in(ns: &Netns, table: &Table) -> Result<etp::kernel::nft::ApplyReport, NftError> {
@@ -213,15 +204,8 @@ fn replace_is_atomic_under_traffic() {
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
-    let path = format!("/run/netns/{}", ns.name);
     // Sender: bounded by count (200k) and time (30 s), stops when the applies are done.
-    let sender = std::thread::spawn(move || {
-        let file = File::open(&path).unwrap();
-        // SAFETY: setns on this thread only, with a valid namespace fd.
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+    let sender = common::topo::in_netns(&ns.name, move || {
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut sent = 0u64;

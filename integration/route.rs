@@ -5,9 +5,7 @@
 //! builds a current-thread tokio runtime. `ip` is the independent witness.
 mod common;
 
-use std::fs::File;
 use std::future::Future;
-use std::os::fd::AsRawFd;
 
 use common::Netns;
 use etp::kernel::route::{RouteChanges, RouteDrift, Routing};
@@ -47,13 +45,7 @@ where
     Fut: Future<Output = T>,
     T: Send + 'static,
 {
-    let path = format!("/var/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let netns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: setns on a valid, open namespace fd; it only changes this thread's network
-        // namespace, and this thread is used for nothing else.
-        let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+    common::topo::in_netns(&ns.name, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
