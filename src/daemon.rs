@@ -7,7 +7,6 @@
 //! established flows keep reaching etp), stops accepting, drains up to the deadline, then
 //! removes etp's table, rules and routes (unless `fail_closed`).
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -18,7 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::classify::Decision;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, Source};
 use crate::dataplane::{Dataplane, FlowPolicy, ListenError, Listeners, UNMATCHED};
 use crate::kernel::{Change, Kernel, KernelError, Monitor};
 use crate::metrics::{FlowLabels, Metrics, ResultLabels};
@@ -26,34 +25,10 @@ use crate::model::{Desired, Proto};
 use crate::plan;
 use crate::telemetry::chain;
 
-/// Where the config comes from, and the command-line values that override the file.
-#[derive(Debug, Clone)]
-pub struct Source {
-    /// `None`: the embedded default.
-    pub path: Option<PathBuf>,
-    pub port: Option<u16>,
-}
-
-impl Source {
-    /// Loads, validates and applies overrides (a flag overrides the file).
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        let mut cfg = match &self.path {
-            Some(p) => Config::load(p)?,
-            None => Config::embedded(),
-        };
-        if let Some(port) = self.port {
-            cfg.listener.port = port;
-        }
-        Ok(cfg)
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
-    #[error("config")]
-    Config(#[source] ConfigError),
     #[error("starting the admin endpoint")]
     Admin(#[source] admin::AdminError),
     #[error("binding the TPROXY listeners")]
@@ -181,11 +156,11 @@ pub fn ignore_early_hangups() {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT, then drains and cleans up.
-pub async fn run(source: Source) -> Result<(), DaemonError> {
+/// Runs the daemon on `cfg` (loaded from `source`, which a reload reads again) until
+/// SIGTERM/SIGINT, then drains and cleans up.
+pub async fn run(source: Source, cfg: Config) -> Result<(), DaemonError> {
     let mut signals = Signals::install()?;
     raise_nofile_limit();
-    let cfg = source.load().map_err(DaemonError::Config)?;
     let metrics = Arc::new(Metrics::new());
     let admin_state = AdminState::new(Arc::clone(&metrics));
     let admin_listener = admin::bind(cfg.admin.address)
@@ -195,12 +170,14 @@ pub async fn run(source: Source) -> Result<(), DaemonError> {
 
     let listeners =
         Listeners::bind(cfg.listener.port, cfg.listener.ipv6).map_err(DaemonError::Listen)?;
-    let (policy_tx, policy_rx) = watch::channel(Arc::new(FlowPolicy::new(&cfg)));
+    let policy = Arc::new(FlowPolicy::new(&cfg));
+    // The one classifier: the ruleset is planned from the one the data path routes flows with.
+    let desired = plan::plan_with(&cfg, &policy.classifier);
+    let (policy_tx, policy_rx) = watch::channel(policy);
     let dataplane = Arc::new(Dataplane::new(policy_rx, Arc::clone(&metrics)));
     let serving = Serving::start(&dataplane, listeners, cfg.listener.port, cfg.listener.ipv6);
 
     let mut kernel = Kernel::connect().await.map_err(DaemonError::Connect)?;
-    let desired = plan::plan(&cfg);
     // A stale table from a crashed run is replaced by this same single transaction.
     let applied = kernel
         .apply(&desired, None)
@@ -333,7 +310,8 @@ impl Daemon {
             .source
             .load()
             .map_err(|e| format!("config: {}", chain(&e)))?;
-        let desired = plan::plan(&cfg);
+        let policy = Arc::new(FlowPolicy::new(&cfg));
+        let desired = plan::plan_with(&cfg, &policy.classifier);
         let rebind =
             cfg.listener.port != self.serving.port || cfg.listener.ipv6 != self.serving.ipv6;
         let new_serving = if rebind {
@@ -354,7 +332,7 @@ impl Daemon {
             None
         };
         // Publish the new routes before the kernel sends flows under them.
-        let old_policy = self.policy_tx.send_replace(Arc::new(FlowPolicy::new(&cfg)));
+        let old_policy = self.policy_tx.send_replace(policy);
         // Sized at start (the runtime's threads, the flow semaphore): say so instead of
         // silently keeping the old value.
         let (old, new) = (&old_policy.limits, &cfg.limits);
@@ -452,7 +430,9 @@ impl Daemon {
         self.admin.ready.store(false, Ordering::SeqCst);
         let deadline = self.cfg.daemon.drain_timeout;
         if !self.cfg.daemon.fail_closed {
-            match self.kernel.apply_table(&plan::plan_drain(&self.cfg)) {
+            let policy = Arc::clone(&self.policy_tx.borrow());
+            let drain = plan::plan_drain_with(&self.cfg, &policy.classifier);
+            match self.kernel.apply_table(&drain) {
                 Ok(_) => info!("drain table installed: new traffic now goes direct"),
                 Err(e) => error!(error = %chain(&e), "installing the drain table"),
             }

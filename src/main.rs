@@ -9,8 +9,8 @@ use clap::Parser;
 use tracing::{info, warn};
 
 use etp::cli::{normalize_args, Cli, Command};
-use etp::config::{Config, DEFAULT_PATH};
-use etp::daemon::{self, DaemonError, Source};
+use etp::config::{Config, Source, DEFAULT_PATH};
+use etp::daemon;
 use etp::kernel::Kernel;
 use etp::{admin, plan, telemetry};
 
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         }
     };
     let code = match command {
-        Command::Run => run(source),
+        Command::Run => run(source, cfg.expect("loaded")),
         Command::Render => {
             print!("{}", plan::plan(cfg.as_ref().expect("loaded")));
             Ok(OK)
@@ -106,28 +106,20 @@ fn one_shot(fut: impl std::future::Future<Output = anyhow::Result<u8>>) -> anyho
     runtime(None)?.block_on(fut)
 }
 
-fn run(source: Source) -> anyhow::Result<u8> {
+fn run(source: Source, cfg: Config) -> anyhow::Result<u8> {
     if source.path.is_none() {
         warn!(
             path = DEFAULT_PATH,
             "no config file; running on the embedded default config"
         );
     }
-    // The thread count comes from the config; a config that does not load is reported by
-    // `daemon::run` itself, with its file, line and key.
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = source
-        .load()
-        .map_or(1, |c| c.limits.worker_threads_auto(available));
+    let threads = cfg.limits.worker_threads_auto(available);
     info!(threads, available_cpus = available, "data-path runtime");
-    match runtime(Some(threads))?.block_on(daemon::run(source)) {
-        Ok(()) => Ok(OK),
-        Err(DaemonError::Config(e)) => {
-            eprintln!("etp: {}", telemetry::chain(&e));
-            Ok(USAGE)
-        }
-        Err(e) => Err(anyhow!(e)),
-    }
+    runtime(Some(threads))?
+        .block_on(daemon::run(source, cfg))
+        .map_err(|e| anyhow!(e))?;
+    Ok(OK)
 }
 
 async fn apply(cfg: Config) -> anyhow::Result<u8> {

@@ -257,7 +257,12 @@ fn local_routes(cfg: &Config, families: &[Family]) -> Vec<LocalRoute> {
 /// reaching it (`socket transparent 1` in prerouting; with `local`, packets of established local
 /// flows are still rerouted through lo), so they can finish before the deadline.
 pub fn plan_drain(cfg: &Config) -> Desired {
-    let mut d = plan(cfg);
+    plan_drain_with(cfg, &Classifier::new(cfg))
+}
+
+/// [`plan_drain`] from an already-built classifier.
+pub fn plan_drain_with(cfg: &Config, cls: &Classifier) -> Desired {
+    let mut d = plan_with(cfg, cls);
     for chain in &mut d.table.chains {
         match chain.name.as_str() {
             CHAIN_PREROUTING => chain

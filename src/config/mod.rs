@@ -286,6 +286,28 @@ impl Config {
     }
 }
 
+/// Where the config comes from, and the command-line values that override the file.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// `None`: the embedded default.
+    pub path: Option<PathBuf>,
+    pub port: Option<u16>,
+}
+
+impl Source {
+    /// Loads, validates and applies overrides (a flag overrides the file).
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut cfg = match &self.path {
+            Some(p) => Config::load(p)?,
+            None => Config::embedded(),
+        };
+        if let Some(port) = self.port {
+            cfg.listener.port = port;
+        }
+        Ok(cfg)
+    }
+}
+
 /// serde's messages for unknown keys name the key; everything else is "toml".
 fn key_from_message(msg: &str) -> String {
     msg.split('`')
