@@ -7,11 +7,12 @@
 
 use std::fmt;
 
-use super::encode::{encode, key_type, Current, CurrentChain, CurrentSet, Object};
+use super::current::{key_type, Current};
+use super::encode::{encode, Object};
 use super::error::NftError;
 use super::socket::Nft;
 use super::text::{rule_text, RuleText};
-use super::wire::{self, Attrs, Msgs};
+use super::wire::{self, be32, Attrs, Msgs};
 use crate::model::{interval_text, Set, Table};
 
 /// A difference between the kernel and the desired table.
@@ -103,30 +104,7 @@ impl fmt::Display for TableDrift {
     }
 }
 
-// Attribute numbers of the dumps we read.
-const NFTA_CHAIN_TABLE: u16 = 1;
-const NFTA_CHAIN_NAME: u16 = 3;
-const NFTA_CHAIN_HOOK: u16 = 4;
-const NFTA_CHAIN_TYPE: u16 = 7;
-const NFTA_HOOK_HOOKNUM: u16 = 1;
-const NFTA_HOOK_PRIORITY: u16 = 2;
-const NFTA_SET_TABLE: u16 = 1;
-const NFTA_SET_NAME: u16 = 2;
-const NFTA_SET_FLAGS: u16 = 3;
-const NFTA_SET_KEY_TYPE: u16 = 4;
-const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_RULE_TABLE: u16 = 1;
-
-fn be32(d: &[u8]) -> u32 {
-    d.get(..4)
-        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-        .unwrap_or(0)
-}
-
-fn strz(d: &[u8]) -> String {
-    let end = d.iter().position(|&b| b == 0).unwrap_or(d.len());
-    String::from_utf8_lossy(&d[..end]).into_owned()
-}
 
 fn hook_name(n: u32) -> String {
     // NF_INET_* numbering.
@@ -244,16 +222,12 @@ fn audit_chains(table: &Table, current: &Current, drift: &mut Vec<TableDrift>) {
             None => drift.push(TableDrift::MissingChain {
                 chain: c.name.clone(),
             }),
-            Some(k) => {
-                let have = chain_desc(&k.kind, &hook_name(k.hook), k.priority);
-                if have != want {
-                    drift.push(TableDrift::ChangedChain {
-                        chain: c.name.clone(),
-                        want,
-                        have,
-                    });
-                }
-            }
+            Some(k) if !k.matches(c) => drift.push(TableDrift::ChangedChain {
+                chain: c.name.clone(),
+                want,
+                have: chain_desc(&k.kind, &hook_name(k.hook), k.priority),
+            }),
+            Some(_) => {}
         }
     }
     for k in &current.chains {
@@ -284,23 +258,18 @@ fn want_rules(table: &Table) -> Result<Vec<Vec<RuleText>>, NftError> {
 fn audit_set_header(s: &Set, current: &Current, drift: &mut Vec<TableDrift>) -> bool {
     let (kt, kl) = key_type(&s.elems);
     let want = set_desc(kt, kl, libc::NFT_SET_INTERVAL as u32);
-    let have = current
-        .sets
-        .iter()
-        .find(|k| k.name == s.name)
-        .map(|k| (k.name.clone(), set_desc(k.key_type, k.key_len, k.flags)));
-    match have {
+    match current.sets.iter().find(|k| k.name == s.name) {
         None => {
             drift.push(TableDrift::MissingSet {
                 set: s.name.clone(),
             });
             false
         }
-        Some((_, have)) if have != want => {
+        Some(k) if !k.matches(s) => {
             drift.push(TableDrift::ChangedSet {
                 set: s.name.clone(),
                 want,
-                have,
+                have: set_desc(k.key_type, k.key_len, k.flags),
             });
             false
         }
@@ -318,7 +287,7 @@ impl Nft {
             }]);
         }
         let mut drift = Vec::new();
-        let current = self.read_current(name)?;
+        let current = Current::read(self, name)?;
         audit_chains(table, &current, &mut drift);
         self.audit_rules(table, &mut drift)?;
         for s in &table.sets {
@@ -435,80 +404,6 @@ impl Nft {
             }
         }
         Ok(())
-    }
-
-    /// The chains and sets of `table inet NAME` now (empty when the table does not exist).
-    pub fn read_current(&mut self, name: &str) -> Result<Current, NftError> {
-        let mut current = Current::default();
-        if !self.table_exists(name)? {
-            return Ok(current);
-        }
-        let chains = self.dump(
-            wire::NFT_MSG_GETCHAIN,
-            &[(NFTA_CHAIN_TABLE, name)],
-            "GETCHAIN dump",
-        )?;
-        for raw in &chains {
-            for m in Msgs(raw) {
-                let mut t = String::new();
-                let mut c = CurrentChain {
-                    name: String::new(),
-                    kind: String::new(),
-                    hook: u32::MAX,
-                    priority: 0,
-                };
-                for (ty, d) in m.nft_attrs() {
-                    match ty {
-                        NFTA_CHAIN_TABLE => t = strz(d),
-                        NFTA_CHAIN_NAME => c.name = strz(d),
-                        NFTA_CHAIN_TYPE => c.kind = strz(d),
-                        NFTA_CHAIN_HOOK => {
-                            for (h, v) in Attrs(d) {
-                                match h {
-                                    NFTA_HOOK_HOOKNUM => c.hook = be32(v),
-                                    NFTA_HOOK_PRIORITY => c.priority = be32(v) as i32,
-                                    _ => {}
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                if t == name {
-                    current.chains.push(c);
-                }
-            }
-        }
-        let sets = self.dump(
-            wire::NFT_MSG_GETSET,
-            &[(NFTA_SET_TABLE, name)],
-            "GETSET dump",
-        )?;
-        for raw in &sets {
-            for m in Msgs(raw) {
-                let mut t = String::new();
-                let mut s = CurrentSet {
-                    name: String::new(),
-                    key_type: 0,
-                    key_len: 0,
-                    flags: 0,
-                };
-                for (ty, d) in m.nft_attrs() {
-                    match ty {
-                        NFTA_SET_TABLE => t = strz(d),
-                        NFTA_SET_NAME => s.name = strz(d),
-                        NFTA_SET_FLAGS => s.flags = be32(d),
-                        NFTA_SET_KEY_TYPE => s.key_type = be32(d),
-                        NFTA_SET_KEY_LEN => s.key_len = be32(d),
-                        _ => {}
-                    }
-                }
-                if t == name {
-                    current.sets.push(s);
-                }
-            }
-        }
-        Ok(current)
     }
 }
 

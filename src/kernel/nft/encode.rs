@@ -26,6 +26,7 @@ use nftnl::expr::{
 use nftnl::nftnl_sys as sys;
 use nftnl::{MsgType, NlMsg, ProtoFamily};
 
+use super::current::{key_type, Current};
 use super::expr::{Base, LookupSet, Payload, Redir, Tproxy};
 use super::wire;
 use crate::model::{self, Family, Match, SetElems, Table, Verdict};
@@ -78,60 +79,6 @@ pub enum Object {
         chain: usize,
         rule: usize,
     },
-}
-
-/// A base chain as the kernel reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CurrentChain {
-    pub name: String,
-    /// `filter`, `route`, `nat`
-    pub kind: String,
-    /// NF_INET_* hook number.
-    pub hook: u32,
-    pub priority: i32,
-}
-
-/// A set as the kernel reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CurrentSet {
-    pub name: String,
-    pub key_type: u32,
-    pub key_len: u32,
-    pub flags: u32,
-}
-
-/// What the kernel's table holds now (empty when the table does not exist).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Current {
-    pub chains: Vec<CurrentChain>,
-    pub sets: Vec<CurrentSet>,
-}
-
-impl CurrentChain {
-    fn matches(&self, c: &model::Chain) -> bool {
-        self.name == c.name
-            && self.kind == c.kind.to_string()
-            && self.hook == hook_number(c.hook)
-            && self.priority == c.priority
-    }
-}
-
-impl CurrentSet {
-    fn matches(&self, s: &model::Set) -> bool {
-        let (kt, kl) = key_type(&s.elems);
-        self.name == s.name
-            && self.key_type == kt
-            && self.key_len == kl
-            && self.flags == libc::NFT_SET_INTERVAL as u32
-    }
-}
-
-/// NF_INET_* number of a hook.
-pub fn hook_number(h: model::Hook) -> u32 {
-    match h {
-        model::Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
-        model::Hook::Output => libc::NF_INET_LOCAL_OUT as u32,
-    }
 }
 
 /// One message of the batch body.
@@ -274,15 +221,6 @@ fn element_at(msg: &[u8], offset: usize) -> Option<usize> {
         }
     }
     None
-}
-
-/// nft's key type id and length for a set's elements.
-pub(super) fn key_type(elems: &SetElems) -> (u32, u32) {
-    match elems {
-        SetElems::V4(_) => (7, 4),     // ipv4_addr
-        SetElems::V6(_) => (8, 16),    // ipv6_addr
-        SetElems::Ports(_) => (13, 2), // inet_service, big endian
-    }
 }
 
 fn cstr(what: impl FnOnce() -> String, s: &str) -> Result<CString, EncodeError> {

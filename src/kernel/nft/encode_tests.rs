@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::config::Config;
+use crate::kernel::nft::current::{CurrentChain, CurrentSet};
 use crate::kernel::nft::text::rule_debug;
 use crate::model::{PortRange, Set};
 

@@ -1,4 +1,5 @@
-//! The nf_tables netlink socket: the only kernel edge of the nft module besides `audit`'s reads.
+//! The nf_tables netlink socket: requests, dumps, the generation id, and sending one batch
+//! with its acks collected (`apply` and `audit` build on it).
 //!
 //! Kernel behaviour this code is built around (see /work/shared/notes/netlink-facts.md):
 //! - A batch commits only if BEGIN and END arrive in the same skb: the whole batch goes out in
@@ -18,10 +19,8 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
-use super::encode::{encode_replace, Batch};
 use super::error::NftError;
 use super::wire::{self, Ack, Msgs};
-use crate::model::Table;
 
 /// How long to wait for replies before deciding by the generation id.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,17 +32,6 @@ const RECV_CHUNK: usize = 256 * 1024;
 /// `SOL_NETLINK` options.
 const NETLINK_CAP_ACK: libc::c_int = 10;
 const NETLINK_EXT_ACK: libc::c_int = 11;
-
-/// What one applied transaction cost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ApplyReport {
-    /// The ruleset generation after the commit.
-    pub generation: u32,
-    /// Messages sent, BEGIN and END included.
-    pub messages: usize,
-    /// Bytes sent in the one `sendmsg`.
-    pub bytes: usize,
-}
 
 /// An nf_tables netlink socket (NETLINK_NETFILTER), bound to the network namespace of the
 /// thread that opened it.
@@ -65,7 +53,7 @@ pub struct Nft {
 unsafe impl Send for Nft {}
 
 /// How a sent batch ended.
-enum BatchVerdict {
+pub(super) enum BatchVerdict {
     Committed,
     /// Errors in sequence order.
     Refused(Vec<Ack>),
@@ -150,7 +138,7 @@ impl Nft {
         Ok(())
     }
 
-    fn next_seq(&mut self, n: u32) -> u32 {
+    pub(super) fn next_seq(&mut self, n: u32) -> u32 {
         let s = self.seq;
         self.seq = self.seq.wrapping_add(n);
         s
@@ -185,146 +173,8 @@ impl Nft {
         Err(NftError::Malformed { what: "GETGEN" })
     }
 
-    /// Replaces the contents of `table inet NAME` with `table` in one transaction, in place
-    /// (see `encode`): the kernel's current chains and sets are read first and the batch is
-    /// pinned to that generation. With `expect_gen`, the batch applies only if the ruleset is
-    /// still at that generation ([`NftError::Concurrent`] otherwise); without it, a concurrent
-    /// change between the read and the commit is retried (up to 3 times).
-    pub fn apply(
-        &mut self,
-        table: &Table,
-        expect_gen: Option<u32>,
-    ) -> Result<ApplyReport, NftError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let gen = self.generation()?;
-            if let Some(want) = expect_gen {
-                if want != gen {
-                    return Err(NftError::Concurrent { expected: want });
-                }
-            }
-            let current = self.read_current(&table.name)?;
-            let batch = encode_replace(table, &current)?;
-            match self.apply_batch(batch, table, Some(gen)) {
-                Err(NftError::Concurrent { .. }) if expect_gen.is_none() && attempt < 3 => {
-                    tracing::info!(table = %table.name, attempt, "ruleset changed while applying; retrying");
-                }
-                r => return r,
-            }
-        }
-    }
-
-    /// Sends an already encoded batch as is; `table` is the model it was encoded from (for
-    /// labels). Use [`Nft::apply`] unless the batch was built against a known state.
-    pub fn apply_batch(
-        &mut self,
-        mut batch: Batch,
-        table: &Table,
-        expect_gen: Option<u32>,
-    ) -> Result<ApplyReport, NftError> {
-        let n = batch.messages().len() as u32;
-        let begin_seq = self.next_seq(n + 2);
-        batch.renumber(begin_seq + 1);
-        let end_seq = begin_seq + n + 1;
-        let begin = wire::batch_begin(begin_seq, expect_gen);
-        let end = wire::batch_end(end_seq);
-        let bytes = begin.len() + batch.bytes().len() + end.len();
-        let gen_before = self.generation()?;
-        tracing::debug!(
-            table = %table.name,
-            messages = n + 2,
-            bytes,
-            gen_before,
-            expect_gen,
-            "sending nft batch"
-        );
-        match self.send_batch(&[&begin, batch.bytes(), &end], begin_seq, end_seq, bytes)? {
-            BatchVerdict::Committed => {}
-            BatchVerdict::Refused(errors) => {
-                let first = errors[0];
-                if first.seq == begin_seq && first.errno == libc::ERESTART {
-                    return Err(NftError::Concurrent {
-                        expected: expect_gen.unwrap_or(gen_before),
-                    });
-                }
-                let label = if first.seq == begin_seq {
-                    "batch begin".to_string()
-                } else if first.seq == end_seq {
-                    "batch end".to_string()
-                } else {
-                    batch.label(table, (first.seq - begin_seq - 1) as usize, first.offset)
-                };
-                tracing::warn!(
-                    table = %table.name,
-                    at = %label,
-                    errno = first.errno,
-                    errors = errors.len(),
-                    "nft batch refused"
-                );
-                return Err(NftError::Refused {
-                    label,
-                    errno: first.errno,
-                });
-            }
-            BatchVerdict::Unknown(cause) => {
-                // Decide on a fresh socket: this one may still hold stale replies.
-                let generation = Nft::open()?.generation()?;
-                if generation == gen_before {
-                    return Err(NftError::Unknown { cause, generation });
-                }
-                tracing::warn!(%cause, gen_before, generation, "nft replies lost; generation advanced, batch committed");
-                return Ok(ApplyReport {
-                    generation,
-                    messages: n as usize + 2,
-                    bytes,
-                });
-            }
-        }
-        let generation = match expect_gen {
-            Some(g) => g.wrapping_add(1),
-            None => self.generation()?,
-        };
-        Ok(ApplyReport {
-            generation,
-            messages: n as usize + 2,
-            bytes,
-        })
-    }
-
-    /// Deletes table `inet NAME`; `Ok(false)` when it did not exist (nothing changes then).
-    pub fn delete_table(&mut self, name: &str) -> Result<bool, NftError> {
-        let begin_seq = self.next_seq(3);
-        let mut body = Vec::with_capacity(64);
-        let s = wire::begin_msg(
-            &mut body,
-            wire::nft_type(wire::NFT_MSG_DELTABLE),
-            wire::NLM_F_ACK,
-            begin_seq + 1,
-            libc::NFPROTO_INET as u8,
-            0,
-        );
-        wire::put_strz(&mut body, 1, name); // NFTA_TABLE_NAME
-        wire::end_msg(&mut body, s);
-        let begin = wire::batch_begin(begin_seq, None);
-        let end = wire::batch_end(begin_seq + 2);
-        let bytes = begin.len() + body.len() + end.len();
-        match self.send_batch(&[&begin, &body, &end], begin_seq, begin_seq + 2, bytes)? {
-            BatchVerdict::Committed => Ok(true),
-            BatchVerdict::Refused(errors) if errors[0].errno == libc::ENOENT => Ok(false),
-            BatchVerdict::Refused(errors) => Err(NftError::Refused {
-                label: format!("delete table inet {name}"),
-                errno: errors[0].errno,
-            }),
-            BatchVerdict::Unknown(cause) => Err(NftError::Unknown {
-                cause,
-                generation: Nft::open()?.generation()?,
-            }),
-        }
-    }
-
     /// Sends BEGIN..END in one sendmsg and collects the verdict from the acks.
-    fn send_batch(
+    pub(super) fn send_batch(
         &mut self,
         parts: &[&[u8]],
         begin_seq: u32,

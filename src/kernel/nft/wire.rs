@@ -98,6 +98,19 @@ pub fn end_msg(buf: &mut [u8], start: usize) {
     buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
 }
 
+/// A big-endian u32 attribute payload (0 when shorter).
+pub fn be32(d: &[u8]) -> u32 {
+    d.get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0)
+}
+
+/// A NUL-terminated string attribute payload.
+pub fn strz(d: &[u8]) -> String {
+    let end = d.iter().position(|&b| b == 0).unwrap_or(d.len());
+    String::from_utf8_lossy(&d[..end]).into_owned()
+}
+
 /// Appends one attribute (padded).
 pub fn put_attr(buf: &mut Vec<u8>, ty: u16, data: &[u8]) {
     let len = 4 + data.len();

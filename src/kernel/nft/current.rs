@@ -1,0 +1,160 @@
+//! What etp's table holds in the kernel now: its base chains and sets, read over netlink.
+//! `Nft::apply` encodes its in-place replace against it (`encode_replace`), and `audit`
+//! compares the desired table with it. Rules and set elements are read by `audit` alone.
+
+use super::error::NftError;
+use super::socket::Nft;
+use super::wire::{self, be32, strz, Attrs, Msgs};
+use crate::model::{self, SetElems};
+
+/// A base chain as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentChain {
+    pub name: String,
+    /// `filter`, `route`, `nat`
+    pub kind: String,
+    /// NF_INET_* hook number.
+    pub hook: u32,
+    pub priority: i32,
+}
+
+/// A set as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentSet {
+    pub name: String,
+    pub key_type: u32,
+    pub key_len: u32,
+    pub flags: u32,
+}
+
+/// What the kernel's table holds now (empty when the table does not exist).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Current {
+    pub chains: Vec<CurrentChain>,
+    pub sets: Vec<CurrentSet>,
+}
+
+impl CurrentChain {
+    pub(super) fn matches(&self, c: &model::Chain) -> bool {
+        self.name == c.name
+            && self.kind == c.kind.to_string()
+            && self.hook == hook_number(c.hook)
+            && self.priority == c.priority
+    }
+}
+
+impl CurrentSet {
+    pub(super) fn matches(&self, s: &model::Set) -> bool {
+        let (kt, kl) = key_type(&s.elems);
+        self.name == s.name
+            && self.key_type == kt
+            && self.key_len == kl
+            && self.flags == libc::NFT_SET_INTERVAL as u32
+    }
+}
+
+impl Current {
+    /// The chains and sets of `table inet NAME` now (empty when the table does not exist).
+    pub fn read(nft: &mut Nft, name: &str) -> Result<Current, NftError> {
+        let mut current = Current::default();
+        if !nft.table_exists(name)? {
+            return Ok(current);
+        }
+        let chains = nft.dump(
+            wire::NFT_MSG_GETCHAIN,
+            &[(NFTA_CHAIN_TABLE, name)],
+            "GETCHAIN dump",
+        )?;
+        for raw in &chains {
+            for m in Msgs(raw) {
+                let mut t = String::new();
+                let mut c = CurrentChain {
+                    name: String::new(),
+                    kind: String::new(),
+                    hook: u32::MAX,
+                    priority: 0,
+                };
+                for (ty, d) in m.nft_attrs() {
+                    match ty {
+                        NFTA_CHAIN_TABLE => t = strz(d),
+                        NFTA_CHAIN_NAME => c.name = strz(d),
+                        NFTA_CHAIN_TYPE => c.kind = strz(d),
+                        NFTA_CHAIN_HOOK => {
+                            for (h, v) in Attrs(d) {
+                                match h {
+                                    NFTA_HOOK_HOOKNUM => c.hook = be32(v),
+                                    NFTA_HOOK_PRIORITY => c.priority = be32(v) as i32,
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if t == name {
+                    current.chains.push(c);
+                }
+            }
+        }
+        let sets = nft.dump(
+            wire::NFT_MSG_GETSET,
+            &[(NFTA_SET_TABLE, name)],
+            "GETSET dump",
+        )?;
+        for raw in &sets {
+            for m in Msgs(raw) {
+                let mut t = String::new();
+                let mut s = CurrentSet {
+                    name: String::new(),
+                    key_type: 0,
+                    key_len: 0,
+                    flags: 0,
+                };
+                for (ty, d) in m.nft_attrs() {
+                    match ty {
+                        NFTA_SET_TABLE => t = strz(d),
+                        NFTA_SET_NAME => s.name = strz(d),
+                        NFTA_SET_FLAGS => s.flags = be32(d),
+                        NFTA_SET_KEY_TYPE => s.key_type = be32(d),
+                        NFTA_SET_KEY_LEN => s.key_len = be32(d),
+                        _ => {}
+                    }
+                }
+                if t == name {
+                    current.sets.push(s);
+                }
+            }
+        }
+        Ok(current)
+    }
+}
+
+/// NF_INET_* number of a hook.
+pub fn hook_number(h: model::Hook) -> u32 {
+    match h {
+        model::Hook::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
+        model::Hook::Output => libc::NF_INET_LOCAL_OUT as u32,
+    }
+}
+
+/// nft's key type id and length for a set's elements.
+pub fn key_type(elems: &SetElems) -> (u32, u32) {
+    match elems {
+        SetElems::V4(_) => (7, 4),     // ipv4_addr
+        SetElems::V6(_) => (8, 16),    // ipv6_addr
+        SetElems::Ports(_) => (13, 2), // inet_service, big endian
+    }
+}
+
+// Attribute numbers of the dumps we read.
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
