@@ -14,10 +14,13 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket};
+use std::time::Duration;
 
-use crate::kernel::nft::wire::{
-    begin_msg, end_msg, nest_end, nest_start, put_attr, Attrs, Msgs, NFGEN_HDRLEN, NLMSG_ERROR,
+use rtnetlink::sys::protocols::NETLINK_NETFILTER;
+
+use crate::kernel::netlink::{
+    begin_nfgen, end_msg, is_timeout, nest_end, nest_start, put_attr, Attrs, Msgs, NlSocket,
+    NLMSG_ERROR,
 };
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
@@ -50,7 +53,7 @@ pub fn get_by_reply(seq: u32, from: SocketAddr, to: SocketAddr) -> Vec<u8> {
         libc::AF_INET6
     } as u8;
     let mut b = Vec::with_capacity(96);
-    let m = begin_msg(
+    let m = begin_nfgen(
         &mut b,
         (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
         0,
@@ -81,7 +84,7 @@ fn find<'a>(attrs: Attrs<'a>, ty: u16) -> Option<&'a [u8]> {
 /// no such entry, or conntrack unused).
 pub fn parse_orig_dst(buf: &[u8]) -> Option<SocketAddr> {
     let m = Msgs(buf).find(|m| m.ty == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW)?;
-    let tuple = find(Attrs(m.payload().get(NFGEN_HDRLEN..)?), CTA_TUPLE_ORIG)?;
+    let tuple = find(m.nfgen_attrs(), CTA_TUPLE_ORIG)?;
     let ip = find(Attrs(tuple), CTA_TUPLE_IP)?;
     let ip: IpAddr = match (
         find(Attrs(ip), CTA_IP_V4_DST),
@@ -101,16 +104,14 @@ pub fn parse_orig_dst(buf: &[u8]) -> Option<SocketAddr> {
 
 /// A ctnetlink socket, owned by one UDP receive loop.
 pub struct Conntrack {
-    sock: Socket,
+    sock: NlSocket,
     seq: u32,
     buf: Vec<u8>,
 }
 
 impl Conntrack {
     pub fn open() -> io::Result<Conntrack> {
-        let mut sock = Socket::new(NETLINK_NETFILTER)?;
-        sock.bind_auto()?;
-        sock.set_non_blocking(true)?;
+        let sock = NlSocket::open(NETLINK_NETFILTER)?;
         Ok(Conntrack {
             sock,
             seq: 0,
@@ -128,13 +129,12 @@ impl Conntrack {
     ) -> io::Result<Option<SocketAddr>> {
         self.seq = self.seq.wrapping_add(1);
         // The reply direction runs from the (translated) destination back to the client.
-        self.sock.send(&get_by_reply(self.seq, seen, client), 0)?;
+        self.sock.send(&get_by_reply(self.seq, seen, client))?;
         loop {
-            self.buf.clear();
-            match self.sock.recv(&mut self.buf, libc::MSG_DONTWAIT) {
+            match self.sock.recv(&mut self.buf, Duration::ZERO) {
                 Ok(_) => {}
                 // nfnetlink answers inside sendmsg: nothing queued means no answer is coming.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if is_timeout(&e) => return Ok(None),
                 Err(e) => return Err(e),
             }
             let seq = self.seq;
@@ -157,7 +157,7 @@ mod tests {
     /// A CT_NEW reply with the original tuple `src -> dst` (what the kernel sends back).
     fn ct_new(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
         let mut b = Vec::new();
-        let m = begin_msg(
+        let m = begin_nfgen(
             &mut b,
             (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW,
             0,

@@ -5,6 +5,7 @@
 //! after it. No decisions about *what* to install are made here: that is `plan`.
 
 pub(crate) mod conntrack;
+mod netlink;
 pub mod nft;
 pub mod route;
 pub(crate) mod sockdiag;

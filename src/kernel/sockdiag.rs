@@ -17,10 +17,11 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use rtnetlink::sys::{protocols::NETLINK_SOCK_DIAG, Socket};
+use rtnetlink::sys::protocols::NETLINK_SOCK_DIAG;
 
-use crate::kernel::nft::wire::{
-    parse_ack, Msgs, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+use crate::kernel::netlink::{
+    begin_msg, dump_interrupted, end_msg, parse_ack, Msgs, NlSocket, NLMSG_DONE, NLMSG_ERROR,
+    NLM_F_ACK, NLM_F_DUMP,
 };
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -31,6 +32,8 @@ const REQ_LEN: usize = 8 + ID_LEN;
 /// `struct inet_diag_sockid`: sport, dport (big-endian), src[4], dst[4], if, cookie[2].
 const ID_LEN: usize = 48;
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// How often an interrupted dump is run again before its result is taken as it is.
+const DUMP_ATTEMPTS: usize = 3;
 
 /// A TCP socket in TIME-WAIT as the dump reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,43 +45,24 @@ pub struct TimeWait {
     id: [u8; ID_LEN],
 }
 
-fn header(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32) {
-    buf.extend_from_slice(&((16 + REQ_LEN) as u32).to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-}
-
 fn request(ty: u16, flags: u16, seq: u32, family: u8, id: &[u8; ID_LEN]) -> Vec<u8> {
     let mut b = Vec::with_capacity(16 + REQ_LEN);
-    header(&mut b, ty, flags, seq);
+    let m = begin_msg(&mut b, ty, flags, seq);
     b.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
     b.extend_from_slice(&(1u32 << TCP_TIME_WAIT).to_ne_bytes());
     b.extend_from_slice(id);
+    end_msg(&mut b, m);
     b
 }
 
 /// A dump request for every TCP socket of `family` in TIME-WAIT.
 pub fn dump_request(family: u8, seq: u32) -> Vec<u8> {
-    request(
-        SOCK_DIAG_BY_FAMILY,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        seq,
-        family,
-        &[0; ID_LEN],
-    )
+    request(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, seq, family, &[0; ID_LEN])
 }
 
 /// The request that destroys `tw`, acked.
 pub fn destroy_request(tw: &TimeWait, seq: u32) -> Vec<u8> {
-    request(
-        SOCK_DESTROY,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        tw.family,
-        &tw.id,
-    )
+    request(SOCK_DESTROY, NLM_F_ACK, seq, tw.family, &tw.id)
 }
 
 fn addr(family: u8, raw: &[u8], port: [u8; 2]) -> Option<SocketAddr> {
@@ -124,29 +108,46 @@ pub fn parse_dump(buf: &[u8], out: &mut Vec<TimeWait>, done: &mut bool) -> io::R
     Ok(())
 }
 
+/// One dump of `family`'s TIME-WAIT sockets, and whether the kernel marked it interrupted.
+fn dump_time_wait(
+    sock: &NlSocket,
+    buf: &mut Vec<u8>,
+    family: u8,
+    seq: u32,
+) -> io::Result<(Vec<TimeWait>, bool)> {
+    sock.send(&dump_request(family, seq))?;
+    let (mut out, mut done, mut interrupted) = (Vec::new(), false, false);
+    while !done {
+        sock.recv(buf, TIMEOUT)?;
+        interrupted |= dump_interrupted(buf);
+        parse_dump(buf, &mut out, &mut done)?;
+    }
+    Ok((out, interrupted))
+}
+
 /// Destroys the TIME-WAIT TCP sockets (IPv4 and IPv6) that `ours` selects, in the calling
 /// thread's network namespace. Returns how many went; sockets that expired meanwhile (ENOENT)
 /// are not errors.
 pub fn destroy_time_wait(ours: impl Fn(&TimeWait) -> bool) -> io::Result<usize> {
-    let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
-    sock.bind_auto()?;
-    socket2::SockRef::from(&sock).set_read_timeout(Some(TIMEOUT))?;
+    let sock = NlSocket::open(NETLINK_SOCK_DIAG)?;
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut found = Vec::new();
-    for (seq, family) in [(1, libc::AF_INET), (2, libc::AF_INET6)] {
-        sock.send(&dump_request(family as u8, seq), 0)?;
-        let mut done = false;
-        while !done {
-            buf.clear();
-            sock.recv(&mut buf, 0)?;
-            parse_dump(&buf, &mut found, &mut done)?;
+    let mut seq = 0;
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        // A dump interrupted by sockets coming and going may miss some: run it again.
+        for attempt in 1..=DUMP_ATTEMPTS {
+            seq += 1;
+            let (mut part, interrupted) = dump_time_wait(&sock, &mut buf, family as u8, seq)?;
+            if !interrupted || attempt == DUMP_ATTEMPTS {
+                found.append(&mut part);
+                break;
+            }
         }
     }
     let mut destroyed = 0;
     for (i, tw) in found.iter().filter(|tw| ours(tw)).enumerate() {
-        sock.send(&destroy_request(tw, 100 + i as u32), 0)?;
-        buf.clear();
-        sock.recv(&mut buf, 0)?;
+        sock.send(&destroy_request(tw, 100 + i as u32))?;
+        sock.recv(&mut buf, TIMEOUT)?;
         match Msgs(&buf)
             .filter(|m| m.ty == NLMSG_ERROR)
             .find_map(|m| parse_ack(&m))

@@ -7,6 +7,7 @@ use super::encode::{encode_replace, Batch};
 use super::error::NftError;
 use super::socket::{BatchVerdict, Nft};
 use super::wire;
+use crate::kernel::netlink;
 use crate::model::Table;
 
 /// What one applied transaction cost.
@@ -132,16 +133,16 @@ impl Nft {
     pub fn delete_table(&mut self, name: &str) -> Result<bool, NftError> {
         let begin_seq = self.next_seq(3);
         let mut body = Vec::with_capacity(64);
-        let s = wire::begin_msg(
+        let s = netlink::begin_nfgen(
             &mut body,
             wire::nft_type(wire::NFT_MSG_DELTABLE),
-            wire::NLM_F_ACK,
+            netlink::NLM_F_ACK,
             begin_seq + 1,
             libc::NFPROTO_INET as u8,
             0,
         );
-        wire::put_strz(&mut body, 1, name); // NFTA_TABLE_NAME
-        wire::end_msg(&mut body, s);
+        netlink::put_strz(&mut body, 1, name); // NFTA_TABLE_NAME
+        netlink::end_msg(&mut body, s);
         let begin = wire::batch_begin(begin_seq, None);
         let end = wire::batch_end(begin_seq + 2);
         let bytes = begin.len() + body.len() + end.len();

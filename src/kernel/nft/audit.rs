@@ -12,7 +12,8 @@ use super::encode::{encode, Object};
 use super::error::NftError;
 use super::socket::Nft;
 use super::text::{rule_text, RuleText};
-use super::wire::{self, be32, Attrs, Msgs};
+use super::wire;
+use crate::kernel::netlink::{be32, Attrs, Msgs};
 use crate::model::{interval_text, Set, Table};
 
 /// A difference between the kernel and the desired table.
@@ -152,7 +153,7 @@ fn parse_elems(msgs: &[Vec<u8>]) -> Vec<(Vec<u8>, bool)> {
     let mut out = Vec::new();
     for raw in msgs {
         for m in Msgs(raw) {
-            for (ty, d) in m.nft_attrs() {
+            for (ty, d) in m.nfgen_attrs() {
                 if ty != wire::NFTA_SET_ELEM_LIST_ELEMENTS {
                     continue;
                 }

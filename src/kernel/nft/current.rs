@@ -4,7 +4,8 @@
 
 use super::error::NftError;
 use super::socket::Nft;
-use super::wire::{self, be32, strz, Attrs, Msgs};
+use super::wire;
+use crate::kernel::netlink::{be32, strz, Attrs, Msgs};
 use crate::model::{self, SetElems};
 
 /// A base chain as the kernel reports it.
@@ -74,7 +75,7 @@ impl Current {
                     hook: u32::MAX,
                     priority: 0,
                 };
-                for (ty, d) in m.nft_attrs() {
+                for (ty, d) in m.nfgen_attrs() {
                     match ty {
                         NFTA_CHAIN_TABLE => t = strz(d),
                         NFTA_CHAIN_NAME => c.name = strz(d),
@@ -110,7 +111,7 @@ impl Current {
                     key_len: 0,
                     flags: 0,
                 };
-                for (ty, d) in m.nft_attrs() {
+                for (ty, d) in m.nfgen_attrs() {
                     match ty {
                         NFTA_SET_TABLE => t = strz(d),
                         NFTA_SET_NAME => s.name = strz(d),

@@ -29,6 +29,7 @@ use nftnl::{MsgType, NlMsg, ProtoFamily};
 use super::current::{key_type, Current};
 use super::expr::{Base, LookupSet, Payload, Redir, Tproxy};
 use super::wire;
+use crate::kernel::netlink;
 use crate::model::{self, Family, Match, SetElems, Table, Verdict};
 
 /// Keep an element message's ELEMENTS nest well under the 16-bit attribute length limit.
@@ -195,15 +196,15 @@ fn used_by(table: &Table, set: usize) -> String {
 /// Which interval (counted from the message's first) contains byte `offset` of an element
 /// message: each interval is a start element, optionally followed by an end element.
 fn element_at(msg: &[u8], offset: usize) -> Option<usize> {
-    let m = wire::Msgs(msg).next()?;
+    let m = netlink::Msgs(msg).next()?;
     let base = msg.as_ptr() as usize;
-    for (ty, data) in m.nft_attrs() {
+    for (ty, data) in m.nfgen_attrs() {
         if ty != wire::NFTA_SET_ELEM_LIST_ELEMENTS {
             continue;
         }
         let mut interval: Option<usize> = None;
-        for (_, elem) in wire::Attrs(data) {
-            let is_end = wire::Attrs(elem).any(|(t, d)| {
+        for (_, elem) in netlink::Attrs(data) {
+            let is_end = netlink::Attrs(elem).any(|(t, d)| {
                 t == wire::NFTA_SET_ELEM_FLAGS
                     && d.len() == 4
                     && u32::from_be_bytes([d[0], d[1], d[2], d[3]])
@@ -238,7 +239,7 @@ fn put_nl<T: NlMsg>(buf: &mut Vec<u8>, obj: &T, ty: MsgType, seq: u32) {
     // implementations promise to stay within.
     unsafe { obj.write(buf[start..].as_mut_ptr() as *mut c_void, seq, ty) };
     let len = u32::from_ne_bytes([buf[start], buf[start + 1], buf[start + 2], buf[start + 3]]);
-    buf.truncate(start + wire::align4(len as usize));
+    buf.truncate(start + netlink::align4(len as usize));
 }
 
 /// A libnftnl set object, freed on drop.
@@ -288,7 +289,7 @@ impl RawSet {
             sys::nftnl_set_nlmsg_build_payload(nlh, self.0.as_ptr());
         }
         let len = u32::from_ne_bytes([buf[start], buf[start + 1], buf[start + 2], buf[start + 3]]);
-        buf.truncate(start + wire::align4(len as usize));
+        buf.truncate(start + netlink::align4(len as usize));
     }
 }
 
@@ -327,7 +328,7 @@ impl Builder {
             let start = self.buf.len();
             let flags = (libc::NLM_F_CREATE | libc::NLM_F_EXCL | libc::NLM_F_ACK) as u16;
             let b = &mut self.buf;
-            let s = wire::begin_msg(
+            let s = netlink::begin_nfgen(
                 b,
                 wire::nft_type(wire::NFT_MSG_NEWSETELEM),
                 flags,
@@ -335,36 +336,36 @@ impl Builder {
                 libc::NFPROTO_INET as u8,
                 0,
             );
-            wire::put_strz(b, wire::NFTA_SET_ELEM_LIST_TABLE, table);
-            wire::put_strz(b, wire::NFTA_SET_ELEM_LIST_SET, &set.name);
-            let nest = wire::nest_start(b, wire::NFTA_SET_ELEM_LIST_ELEMENTS);
+            netlink::put_strz(b, wire::NFTA_SET_ELEM_LIST_TABLE, table);
+            netlink::put_strz(b, wire::NFTA_SET_ELEM_LIST_SET, &set.name);
+            let nest = netlink::nest_start(b, wire::NFTA_SET_ELEM_LIST_ELEMENTS);
             let first = i;
             while i < n && b.len() - nest < ELEMS_BUDGET {
                 let (k, end) = set.elems.key_interval(i);
-                let e = wire::nest_start(b, wire::NFTA_LIST_ELEM);
-                let key = wire::nest_start(b, wire::NFTA_SET_ELEM_KEY);
-                wire::put_attr(b, wire::NFTA_DATA_VALUE, &k);
-                wire::nest_end(b, key);
+                let e = netlink::nest_start(b, wire::NFTA_LIST_ELEM);
+                let key = netlink::nest_start(b, wire::NFTA_SET_ELEM_KEY);
+                netlink::put_attr(b, wire::NFTA_DATA_VALUE, &k);
+                netlink::nest_end(b, key);
                 if end.is_none() {
-                    wire::put_attr(b, wire::NFTA_SET_ELEM_USERDATA, &UDATA_INTERVAL_OPEN);
+                    netlink::put_attr(b, wire::NFTA_SET_ELEM_USERDATA, &UDATA_INTERVAL_OPEN);
                 }
-                wire::nest_end(b, e);
+                netlink::nest_end(b, e);
                 if let Some(end) = end {
-                    let e = wire::nest_start(b, wire::NFTA_LIST_ELEM);
-                    wire::put_attr(
+                    let e = netlink::nest_start(b, wire::NFTA_LIST_ELEM);
+                    netlink::put_attr(
                         b,
                         wire::NFTA_SET_ELEM_FLAGS,
                         &wire::NFT_SET_ELEM_INTERVAL_END.to_be_bytes(),
                     );
-                    let key = wire::nest_start(b, wire::NFTA_SET_ELEM_KEY);
-                    wire::put_attr(b, wire::NFTA_DATA_VALUE, &end);
-                    wire::nest_end(b, key);
-                    wire::nest_end(b, e);
+                    let key = netlink::nest_start(b, wire::NFTA_SET_ELEM_KEY);
+                    netlink::put_attr(b, wire::NFTA_DATA_VALUE, &end);
+                    netlink::nest_end(b, key);
+                    netlink::nest_end(b, e);
                 }
                 i += 1;
             }
-            wire::nest_end(b, nest);
-            wire::end_msg(b, s);
+            netlink::nest_end(b, nest);
+            netlink::end_msg(b, s);
             self.record(
                 start,
                 wire::NFT_MSG_NEWSETELEM,
@@ -387,7 +388,7 @@ pub fn encode(table: &Table) -> Result<Batch, EncodeError> {
 fn put_del(b: &mut Builder, cmd: u16, attrs: &[(u16, &str)], object: Object) {
     let seq = b.seq();
     let start = b.buf.len();
-    let s = wire::begin_msg(
+    let s = netlink::begin_nfgen(
         &mut b.buf,
         wire::nft_type(cmd),
         libc::NLM_F_ACK as u16,
@@ -396,9 +397,9 @@ fn put_del(b: &mut Builder, cmd: u16, attrs: &[(u16, &str)], object: Object) {
         0,
     );
     for (ty, v) in attrs {
-        wire::put_strz(&mut b.buf, *ty, v);
+        netlink::put_strz(&mut b.buf, *ty, v);
     }
-    wire::end_msg(&mut b.buf, s);
+    netlink::end_msg(&mut b.buf, s);
     b.record(start, cmd, object);
 }
 

@@ -87,7 +87,7 @@ fn default_batch_message_sequence() {
     }
     assert_eq!(objs, want);
     // Message types and sequence numbers as the kernel will see them.
-    let parsed: Vec<_> = wire::Msgs(batch.bytes()).collect();
+    let parsed: Vec<_> = netlink::Msgs(batch.bytes()).collect();
     assert_eq!(parsed.len(), batch.messages().len());
     for (i, (p, m)) in parsed.iter().zip(batch.messages()).enumerate() {
         assert_eq!(p.ty, wire::nft_type(m.cmd));
@@ -183,19 +183,19 @@ fn element_keys_are_start_and_exclusive_end_open_at_the_top() {
         .iter()
         .position(|m| m.cmd == wire::NFT_MSG_NEWSETELEM)
         .unwrap();
-    let m = wire::Msgs(batch.message(i)).next().unwrap();
+    let m = netlink::Msgs(batch.message(i)).next().unwrap();
     let (_, elems) = m
-        .nft_attrs()
+        .nfgen_attrs()
         .find(|(t, _)| *t == wire::NFTA_SET_ELEM_LIST_ELEMENTS)
         .unwrap();
     let mut seen = Vec::new();
-    for (_, e) in wire::Attrs(elems) {
+    for (_, e) in netlink::Attrs(elems) {
         let mut key = vec![];
         let mut flags = 0;
         let mut udata = false;
-        for (t, v) in wire::Attrs(e) {
+        for (t, v) in netlink::Attrs(e) {
             match t {
-                wire::NFTA_SET_ELEM_KEY => key = wire::Attrs(v).next().unwrap().1.to_vec(),
+                wire::NFTA_SET_ELEM_KEY => key = netlink::Attrs(v).next().unwrap().1.to_vec(),
                 wire::NFTA_SET_ELEM_FLAGS => flags = u32::from_be_bytes(v.try_into().unwrap()),
                 wire::NFTA_SET_ELEM_USERDATA => udata = true,
                 _ => {}
@@ -255,13 +255,13 @@ fn big_sets_split_into_messages_that_fit_and_labels_find_the_element() {
         unreachable!()
     };
     let msg = batch.message(idx);
-    let (_, elems) = wire::Msgs(msg)
+    let (_, elems) = netlink::Msgs(msg)
         .next()
         .unwrap()
-        .nft_attrs()
+        .nfgen_attrs()
         .find(|(t, _)| *t == wire::NFTA_SET_ELEM_LIST_ELEMENTS)
         .unwrap();
-    let third_end = wire::Attrs(elems).nth(5).unwrap().1; // start,end pairs: 5 = 3rd end
+    let third_end = netlink::Attrs(elems).nth(5).unwrap().1; // start,end pairs: 5 = 3rd end
     let off = third_end.as_ptr() as usize - msg.as_ptr() as usize;
     let label = batch.label(&table, idx, Some(off as u32));
     let want = table.sets[0].elems.elem_text(first + 2);

@@ -46,6 +46,8 @@ pub enum NftError {
     Unknown { cause: String, generation: u32 },
     #[error("nf_tables refused {what}: {}", io::Error::from_raw_os_error(*.errno))]
     Request { what: String, errno: i32 },
+    #[error("nf_tables dump for {what} interrupted by concurrent changes")]
+    DumpInterrupted { what: &'static str },
     #[error("malformed nf_tables reply to {what}")]
     Malformed { what: &'static str },
 }

@@ -15,7 +15,8 @@ use std::io;
 
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, AsyncSocket, AsyncSocketExt, TokioSocket};
 
-use super::wire::{Msgs, NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWGEN};
+use super::wire::{NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWGEN};
+use crate::kernel::netlink::Msgs;
 
 /// `NFNLGRP_NFTABLES` (include/uapi/linux/netfilter/nfnetlink.h).
 pub const NFNLGRP_NFTABLES: u32 = 7;
@@ -29,7 +30,7 @@ pub fn touches_table(buf: &[u8], family: u8, name: &str) -> bool {
         m.ty >> 8 == NFNL_SUBSYS_NFTABLES
             && m.ty & 0xff != NFT_MSG_NEWGEN
             && m.payload().first() == Some(&family)
-            && m.nft_attrs()
+            && m.nfgen_attrs()
                 .any(|(ty, v)| ty == 1 && v.split(|b| *b == 0).next() == Some(name.as_bytes()))
     })
 }
@@ -64,9 +65,16 @@ impl NftMonitor {
     pub async fn changed(&mut self) -> io::Result<()> {
         loop {
             self.buf.clear();
-            match self.sock.recv(&mut self.buf).await {
-                Ok(()) if touches_table(&self.buf, self.family, &self.table) => return Ok(()),
-                Ok(()) => {}
+            match self.sock.recv_from(&mut self.buf).await {
+                // Only the kernel (port id 0) reports changes; anything else is not a change.
+                Ok(from) if from.port_number() != 0 => {
+                    tracing::warn!(
+                        sender = from.port_number(),
+                        "nf_tables notification from a process, not the kernel: skipped"
+                    );
+                }
+                Ok(_) if touches_table(&self.buf, self.family, &self.table) => return Ok(()),
+                Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(()),
                 Err(e) => return Err(e),
             }
@@ -77,7 +85,8 @@ impl NftMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::nft::wire::{begin_msg, end_msg, nft_type, put_attr, put_strz};
+    use crate::kernel::netlink::{begin_nfgen as begin_msg, end_msg, put_attr, put_strz};
+    use crate::kernel::nft::wire::nft_type;
     use crate::kernel::nft::wire::{
         NFTA_GEN_ID, NFT_MSG_DELTABLE, NFT_MSG_NEWRULE, NFT_MSG_NEWSETELEM,
     };

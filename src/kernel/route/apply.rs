@@ -22,8 +22,12 @@ use super::message::{
     diff, route_dump_request, route_message, rule_message, Entry, RouteView, RuleView, LOOPBACK,
 };
 use super::{RouteChanges, RouteDrift, RouteError};
+use crate::kernel::netlink::NLM_F_DUMP_INTR;
 use crate::model::ROUTE_PROTOCOL;
 use crate::model::{Family, IpRule, LocalRoute};
+
+/// How often an interrupted dump is run again before the error is reported.
+const DUMP_ATTEMPTS: usize = 3;
 
 /// A dumped entry, kept whole: deleting echoes the kernel's own message back (what `ip rule
 /// flush` and `ip route flush` do), so the delete matches exactly the entry that was seen.
@@ -217,12 +221,8 @@ impl Routing {
                 Family::V6 => netlink_packet_route::AddressFamily::Inet6,
             };
             let replies = self
-                .send(
-                    RouteNetlinkMessage::GetRule(req),
-                    NLM_F_REQUEST | NLM_F_DUMP,
-                )
-                .await
-                .map_err(|source| RouteError::Dump { what, source })?;
+                .dump_one(RouteNetlinkMessage::GetRule(req), what)
+                .await?;
             for reply in replies {
                 if let RouteNetlinkMessage::NewRule(m) = reply {
                     if let Some(view) = RuleView::from_message(&m) {
@@ -233,12 +233,11 @@ impl Routing {
         }
         for (family, what) in [(Family::V4, "IPv4 routes"), (Family::V6, "IPv6 routes")] {
             let replies = self
-                .send(
+                .dump_one(
                     RouteNetlinkMessage::GetRoute(route_dump_request(family)),
-                    NLM_F_REQUEST | NLM_F_DUMP,
+                    what,
                 )
-                .await
-                .map_err(|source| RouteError::Dump { what, source })?;
+                .await?;
             for reply in replies {
                 if let RouteNetlinkMessage::NewRoute(m) = reply {
                     if let Some(view) = RouteView::from_message(&m, self.lo_index) {
@@ -250,8 +249,29 @@ impl Routing {
         Ok(out)
     }
 
+    /// One dump; a dump the kernel marks interrupted (`NLM_F_DUMP_INTR`: rules or routes
+    /// changed while it ran, so it may mix two states) is run again, up to
+    /// [`DUMP_ATTEMPTS`] times, rather than compared as drift.
+    async fn dump_one(
+        &self,
+        req: RouteNetlinkMessage,
+        what: &'static str,
+    ) -> Result<Vec<RouteNetlinkMessage>, RouteError> {
+        let mut attempt = 1;
+        loop {
+            match self.send(req.clone(), NLM_F_REQUEST | NLM_F_DUMP).await {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && attempt < DUMP_ATTEMPTS => {
+                    debug!(what, attempt, "rtnetlink dump interrupted; retrying");
+                    attempt += 1;
+                }
+                r => return r.map_err(|source| RouteError::Dump { what, source }),
+            }
+        }
+    }
+
     /// Sends one request and collects its replies; a netlink error (a negative errno in an
-    /// NLMSG_ERROR) becomes the `io::Error` of that errno.
+    /// NLMSG_ERROR) becomes the `io::Error` of that errno, an interrupted dump
+    /// `ErrorKind::Interrupted`.
     async fn send(
         &self,
         body: RouteNetlinkMessage,
@@ -261,13 +281,21 @@ impl Routing {
         req.header.flags = flags;
         let mut replies = self.handle.clone().request(req).map_err(io_error)?;
         let mut out = Vec::new();
+        let mut interrupted = false;
         while let Some(reply) = replies.next().await {
+            interrupted |= reply.header.flags & NLM_F_DUMP_INTR != 0;
             match reply.payload {
                 NetlinkPayload::InnerMessage(m) => out.push(m),
                 // An ACK is an error message with code 0 (netlink-proto normally drops them).
                 NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
                 _ => {}
             }
+        }
+        if interrupted {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "dump interrupted by concurrent changes (NLM_F_DUMP_INTR)",
+            ));
         }
         Ok(out)
     }

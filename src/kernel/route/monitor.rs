@@ -35,6 +35,26 @@ pub fn concerns(msg: &NetlinkMessage<RouteNetlinkMessage>, table: u32, protocol:
     }
 }
 
+/// Whether a message the monitor received means that etp's entries may have changed: an
+/// overrun (the receive buffer filled up, ENOBUFS, and notifications were lost: anything may
+/// have changed, as the nf_tables monitor also assumes) or a notification about one of etp's
+/// entries. Only the kernel (port id 0) notifies; a message from any other sender is skipped.
+pub fn counts(
+    msg: &NetlinkMessage<RouteNetlinkMessage>,
+    from: &SocketAddr,
+    table: u32,
+    protocol: u8,
+) -> bool {
+    if from.port_number() != 0 {
+        tracing::warn!(
+            sender = from.port_number(),
+            "rtnetlink notification from a process, not the kernel: skipped"
+        );
+        return false;
+    }
+    matches!(msg.payload, NetlinkPayload::Overrun(_)) || concerns(msg, table, protocol)
+}
+
 /// An rtnetlink socket subscribed to rule and route changes in the calling thread's namespace.
 pub struct RouteMonitor {
     messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
@@ -75,8 +95,8 @@ impl RouteMonitor {
 
     /// Waits for a change to etp's rules or routes; `None` once the connection has ended.
     pub async fn changed(&mut self) -> Option<()> {
-        while let Some((msg, _)) = self.messages.next().await {
-            if concerns(&msg, self.table, self.protocol) {
+        while let Some((msg, from)) = self.messages.next().await {
+            if counts(&msg, &from, self.table, self.protocol) {
                 return Some(());
             }
         }
@@ -128,5 +148,41 @@ mod tests {
         };
         let pod_route = wrap(RouteNetlinkMessage::NewRoute(route_message(&pod_route, 1)));
         assert!(!concerns(&pod_route, 15001, ROUTE_PROTOCOL));
+    }
+
+    /// The rtnetlink connection turns ENOBUFS into an overrun message (from port 0): lost
+    /// notifications must count as a change, or drift waits for the resync tick.
+    #[test]
+    fn an_overrun_counts_as_a_change() {
+        let mut hdr = rtnetlink::packet_core::NetlinkHeader::default();
+        hdr.message_type = rtnetlink::packet_core::NLMSG_OVERRUN;
+        let overrun = NetlinkMessage::new(hdr, NetlinkPayload::Overrun(Vec::new()));
+        assert!(counts(
+            &overrun,
+            &SocketAddr::new(0, 0),
+            15001,
+            ROUTE_PROTOCOL
+        ));
+    }
+
+    /// A notification about etp's own rule counts when the kernel sent it, not when another
+    /// process did.
+    #[test]
+    fn only_the_kernel_is_heard() {
+        let ours = NetlinkMessage::from(RouteNetlinkMessage::DelRule(rule_message(&IpRule {
+            family: Family::V4,
+            mark: FwMark(0x1000),
+            mask: FwMark(0x3000),
+            table: TableId(15001),
+            priority: 30100,
+            protocol: ROUTE_PROTOCOL,
+        })));
+        assert!(counts(&ours, &SocketAddr::new(0, 0), 15001, ROUTE_PROTOCOL));
+        assert!(!counts(
+            &ours,
+            &SocketAddr::new(4242, 0),
+            15001,
+            ROUTE_PROTOCOL
+        ));
     }
 }
