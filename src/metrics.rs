@@ -105,6 +105,15 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// `{route, proto, reason}` on refusals: a new flow or a datagram etp would not relay.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub route: String,
+    pub proto: &'static str,
+    /// `dataplane::admission::Refusal::as_str`
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -116,13 +125,16 @@ pub struct VersionLabels {
 }
 
 /// Why a UDP datagram was dropped (`etp_udp_dropped_total{reason}`).
-pub const UDP_DROP_REASONS: [&str; 6] = [
+pub const UDP_DROP_REASONS: [&str; 9] = [
     "truncated",
     "no_orig_dst",
     "queue_full",
     "reply_socket",
     "upstream",
     "send",
+    "self_loop",
+    "source_rate",
+    "fair_share",
 ];
 
 /// Every metric etp exports. Cheap to share (`Arc<Metrics>`); every handle is atomic.
@@ -136,6 +148,8 @@ pub struct Metrics {
     /// Reasons: [`UDP_DROP_REASONS`].
     pub udp_dropped_total: Family<ReasonLabels, Counter>,
     pub udp_evictions_total: Counter,
+    /// Every refusal and drop of a new flow or datagram, by route, protocol and reason.
+    pub refused_total: Family<RefusalLabels, Counter>,
     pub accept_errors_total: Counter,
     /// The daemon's: result = "ok" | "error".
     pub reloads_total: Family<ResultLabels, Counter>,
@@ -161,6 +175,7 @@ impl Metrics {
             upstream_errors_total: Family::default(),
             udp_dropped_total: Family::default(),
             udp_evictions_total: Counter::default(),
+            refused_total: Family::default(),
             accept_errors_total: Counter::default(),
             reloads_total: Family::default(),
             drift_repairs_total: Counter::default(),
@@ -193,6 +208,11 @@ impl Metrics {
             "udp_evictions",
             "UDP flows evicted to make room under limits.max_udp_flows",
             m.udp_evictions_total.clone(),
+        );
+        registry.register(
+            "refused",
+            "New flows refused (TCP reset) and datagrams dropped, by route, protocol and reason",
+            m.refused_total.clone(),
         );
         registry.register(
             "accept_errors",

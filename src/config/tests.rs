@@ -111,6 +111,18 @@ fn bad_configs_are_refused_with_file_line_key_and_reason() {
             "route[0].forward_to: \"dns:53\": expected IP:PORT",
         ),
         (
+            "[[route]]\nname = \"f\"\nprotocols = [\"tcp\"]\ndestinations = [\"10.0.0.0/8\"]\nports = [53]\naction = \"forward\"\nforward_to = \"127.0.0.1:15001\"\n",
+            "t.toml:7: route[0].forward_to: 127.0.0.1:15001 is etp's own listener",
+        ),
+        (
+            "[listener]\nport = 16000\n[[route]]\nname = \"f\"\nprotocols = [\"udp\"]\ndestinations = [\"10.0.0.0/8\"]\nports = [53]\naction = \"forward\"\nforward_to = \"[::]:16000\"\n",
+            "t.toml:9: route[0].forward_to: [::]:16000 is etp's own listener",
+        ),
+        (
+            "[[route]]\nname = \"f\"\nprotocols = [\"tcp\"]\ndestinations = [\"10.0.0.0/8\"]\nports = [53]\naction = \"forward\"\nforward_to = \"[::ffff:127.0.0.2]:15001\"\n",
+            "route[0].forward_to: [::ffff:127.0.0.2]:15001 is etp's own listener",
+        ),
+        (
             "[[route]]\nname = \"f\"\nprotocols = [\"tcp\"]\ndestinations = [\"10.0.0.0/8\"]\nports = [53]\naction = \"bounce\"\n",
             "route[0].action: \"bounce\": expected \"linkerd\", \"direct\" or \"forward\"",
         ),

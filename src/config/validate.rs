@@ -536,7 +536,7 @@ impl RawRoute {
         let destinations = route_destinations(&rcx, self.destinations, listener)?;
         let ports = route_ports(&rcx, self.ports)?;
         let sources = cidrs(cx, self.sources.unwrap_or_default(), &rcx.key("sources"))?;
-        let forward_to = route_forward_to(&rcx, self.forward_to)?;
+        let forward_to = route_forward_to(&rcx, self.forward_to, listener)?;
         let action = route_action(&rcx, self.action, &protocols, forward_to)?;
         let preserve_source = route_preserve_source(&rcx, self.preserve_source, action)?;
         let route = Route {
@@ -678,10 +678,12 @@ fn route_ports(
     Ok(v)
 }
 
-/// `forward_to`: an IP:PORT with a port other than 0, kept with its span for the action check.
+/// `forward_to`: an IP:PORT with a port other than 0, not etp's own listener, kept with its span
+/// for the action check.
 fn route_forward_to(
     rcx: &RouteCx<'_, '_>,
     raw: Option<S<String>>,
+    listener: &Listener,
 ) -> Result<Option<(SocketAddr, Range<usize>)>, ConfigError> {
     let Some(f) = raw else {
         return Ok(None);
@@ -697,6 +699,20 @@ fn route_forward_to(
     })?;
     if addr.port() == 0 {
         return Err(rcx.err(fspan, "forward_to", "port 0 is not a destination"));
+    }
+    // A loopback or unspecified address on the listener port is etp's own listener: every
+    // forwarded flow would come back to etp, again and again. (A node address on that port is
+    // only known at run time: the data path refuses those flows.)
+    let ip = addr.ip().to_canonical();
+    if addr.port() == listener.port && (ip.is_loopback() || ip.is_unspecified()) {
+        return Err(rcx.err(
+            fspan,
+            "forward_to",
+            format!(
+                "{addr} is etp's own listener (listener.port {}): every flow would loop back into etp",
+                listener.port
+            ),
+        ));
     }
     Ok(Some((addr, fspan)))
 }

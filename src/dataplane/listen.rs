@@ -165,6 +165,12 @@ fn transparent_socket(
             "IP_RECVORIGDSTADDR"
         };
         opt(name, sockopt::set_recv_orig_dst(&sock, v6))?;
+        let name = if v6 {
+            "IPV6_MULTICAST_ALL"
+        } else {
+            "IP_MULTICAST_ALL"
+        };
+        opt(name, sockopt::set_multicast_all_off(&sock, v6))?;
         // Best effort: bursts of DNS queries should not overflow the default buffer.
         let _ = sock.set_recv_buffer_size(UDP_RCVBUF);
     }

@@ -10,6 +10,7 @@
 //! Reload: the daemon publishes a new [`FlowPolicy`] on a `watch` channel. Each new flow reads the
 //! current one when it starts; established flows keep the routes they started with.
 
+mod admission;
 pub(crate) mod fdlimit;
 mod flow_metrics;
 mod flow_table;
@@ -32,6 +33,7 @@ use tracing::{info, warn};
 
 use crate::classify::Classifier;
 use crate::config::{self, Config};
+use crate::dataplane::admission::Admission;
 use crate::dataplane::fdlimit::Pressure;
 use crate::metrics::Metrics;
 
@@ -65,6 +67,8 @@ pub struct FlowPolicy {
     pub classifier: Classifier,
     pub kernel: config::KernelIds,
     pub limits: config::Limits,
+    /// The TPROXY port: a flow addressed to it on a local address is etp's own listener.
+    pub listener_port: u16,
 }
 
 impl FlowPolicy {
@@ -73,6 +77,7 @@ impl FlowPolicy {
             classifier: Classifier::new(cfg),
             kernel: cfg.kernel.clone(),
             limits: cfg.limits.clone(),
+            listener_port: cfg.listener.port,
         }
     }
 }
@@ -132,6 +137,8 @@ pub struct Dataplane {
     pub(crate) tcp_slots: Arc<Semaphore>,
     /// Back-off shared by the accept loops and flows after descriptor exhaustion.
     pub(crate) pressure: Arc<Pressure>,
+    /// Self-loop refusal, per-source limits, refusal metrics and log.
+    pub(crate) admission: Arc<Admission>,
 }
 
 impl Dataplane {
@@ -143,6 +150,7 @@ impl Dataplane {
             flows: Arc::new(Flows::new()),
             tcp_slots: Arc::new(Semaphore::new(max)),
             pressure: Arc::default(),
+            admission: Arc::default(),
         }
     }
 

@@ -84,6 +84,21 @@ pub fn set_reset_on_close(sock: socket2::SockRef<'_>) -> io::Result<()> {
     sock.set_linger(Some(Duration::ZERO))
 }
 
+/// Turns `IP_MULTICAST_ALL` (IPv6: `IPV6_MULTICAST_ALL`, Linux 4.20) off. Both default to on:
+/// a socket bound to the wildcard address then receives datagrams for every multicast group any
+/// socket of the host joined, on its port. etp's UDP listener wants only what tproxy hands it.
+pub fn set_multicast_all_off(sock: &Socket, v6: bool) -> io::Result<()> {
+    if v6 {
+        match sock.set_multicast_all_v6(false) {
+            // Kernels before 4.20 lack the IPv6 option: nothing to turn off there.
+            Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(()),
+            r => r,
+        }
+    } else {
+        sock.set_multicast_all_v4(false)
+    }
+}
+
 /// Asks the kernel to attach the original destination of each datagram
 /// (`IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR`) as a control message to `recvmsg`.
 pub fn set_recv_orig_dst(sock: &Socket, v6: bool) -> io::Result<()> {
@@ -311,6 +326,27 @@ mod tests {
         assert_eq!(r.orig_dst, Some(at));
         assert!(r.truncated, "5 bytes into a 3-byte buffer");
         assert_eq!(&buf, b"hel");
+    }
+
+    #[test]
+    fn multicast_all_is_turned_off() {
+        use socket2::Domain;
+        for (domain, v6) in [(Domain::IPV4, false), (Domain::IPV6, true)] {
+            let s = Socket::new(domain, socket2::Type::DGRAM, None).unwrap();
+            let before = if v6 {
+                s.multicast_all_v6()
+            } else {
+                s.multicast_all_v4()
+            };
+            assert!(before.unwrap(), "on by default");
+            set_multicast_all_off(&s, v6).unwrap();
+            let after = if v6 {
+                s.multicast_all_v6()
+            } else {
+                s.multicast_all_v4()
+            };
+            assert!(!after.unwrap(), "v6 = {v6}");
+        }
     }
 
     /// The listener's TCP_NODELAY and keepalive settings carry over to accepted sockets, so

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
+use super::admission::{is_own_listener, limited_source, Refusal, SourceSlot};
 use super::flow_metrics::{count_upstream_error, FlowMetrics};
-use super::upstream::{connect_tcp, decide_flow};
+use super::upstream::{connect_tcp, decide_flow, FlowDecision};
 use super::{ClientAddr, Dataplane, FlowPolicy, OrigDst};
 use crate::dataplane::fdlimit::{self, Pressure};
 use crate::dataplane::relay::{self, End};
@@ -26,12 +28,8 @@ pub(super) async fn accept_loop(dp: &Dataplane, listener: TcpListener) {
             tokio::time::sleep(wait).await;
             continue;
         }
-        // Taking the slot before accepting leaves connections beyond the limit in the kernel's
-        // backlog instead of accepting and dropping them.
-        let permit = Arc::clone(&dp.tcp_slots)
-            .acquire_owned()
-            .await
-            .expect("the flow semaphore is never closed");
+        // Accepting even at `limits.max_tcp_flows` (the slot is taken after): a connection
+        // etp cannot take gets a reset at once instead of waiting in the backlog (`admit`).
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -57,24 +55,90 @@ pub(super) async fn accept_loop(dp: &Dataplane, listener: TcpListener) {
             }
         };
         let client = ClientAddr(sockopt::unmap(peer));
+        let rt = dp.current();
+        let decision = decide_flow(&rt, Proto::Tcp, client, orig);
+        let slots = match admit(dp, &rt, &decision, client, orig) {
+            Ok(s) => s,
+            Err(reason) => {
+                refuse(dp, reason, &decision, stream, client, orig);
+                continue;
+            }
+        };
         let guard = dp.flows.enter();
         let cancelled = dp.flows.cancelled();
-        let rt = dp.current();
         let metrics = Arc::clone(&dp.metrics);
         let pressure = Arc::clone(&dp.pressure);
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slots = slots;
             let _guard = guard;
             tokio::select! {
-                _ = handle(rt, metrics, &pressure, stream, client, orig) => {}
+                _ = handle(rt, decision, metrics, &pressure, stream, client, orig) => {}
                 _ = cancelled => debug!(%client, orig_dst = %orig, "closed by drain deadline"),
             }
         });
     }
 }
 
+/// What an admitted connection holds until it closes: one of `limits.max_tcp_flows` and, for
+/// a limited source, one of its `limits.max_tcp_flows_per_source`.
+struct Slots {
+    _global: OwnedSemaphorePermit,
+    _source: Option<SourceSlot>,
+}
+
+/// Whether etp takes this connection on (`admission` explains each refusal).
+fn admit(
+    dp: &Dataplane,
+    rt: &FlowPolicy,
+    decision: &FlowDecision,
+    c: ClientAddr,
+    d: OrigDst,
+) -> Result<Slots, Refusal> {
+    let port = rt.listener_port;
+    if is_own_listener(d.0, port)
+        || (decision.target != d.0 && is_own_listener(decision.target, port))
+    {
+        return Err(Refusal::SelfLoop);
+    }
+    let global = Arc::clone(&dp.tcp_slots)
+        .try_acquire_owned()
+        .map_err(|_| Refusal::GlobalFlows)?;
+    let source = match limited_source(&rt.limits, c.0.ip()) {
+        Some(s) => {
+            let slot = dp
+                .admission
+                .tcp_source_slot(s, rt.limits.max_tcp_flows_per_source)?;
+            dp.admission
+                .new_flow_rate(s, rt.limits.new_flows_per_source_per_second)?;
+            slot
+        }
+        None => None,
+    };
+    Ok(Slots {
+        _global: global,
+        _source: source,
+    })
+}
+
+/// Resets a refused connection at once (SO_LINGER 0: the close sends a RST, a definite answer
+/// the client cannot mistake for a reply), counts and logs it.
+fn refuse(
+    dp: &Dataplane,
+    reason: Refusal,
+    decision: &FlowDecision,
+    stream: TcpStream,
+    c: ClientAddr,
+    d: OrigDst,
+) {
+    let _ = sockopt::set_reset_on_close((&stream).into());
+    drop(stream);
+    dp.admission
+        .refused(&dp.metrics, reason, &decision.route, "tcp", c.0, d.0);
+}
+
 async fn handle(
     rt: Arc<FlowPolicy>,
+    decision: FlowDecision,
     metrics: Arc<Metrics>,
     pressure: &Pressure,
     client: TcpStream,
@@ -82,7 +146,6 @@ async fn handle(
     d: OrigDst,
 ) {
     let start = Instant::now();
-    let decision = decide_flow(&rt, Proto::Tcp, c, d);
     let flow_metrics = FlowMetrics::start(&metrics, &decision, Proto::Tcp);
     debug!(client = %c, orig_dst = %d, route = %decision.route, action = %decision.action, "accepted");
     // The client leg inherited TCP_NODELAY and keepalive from the listener (listen.rs); the

@@ -5,13 +5,17 @@
 //! source). They are sent from a transparent socket bound to that address, shared by all flows
 //! to the same destination: the table holds it weakly, so it closes when its last flow ends.
 //!
-//! Bounds: `limits.max_udp_flows` (the least recently used flow is evicted to make room, see
-//! `flow_table`), `limits.udp_queue`
+//! Bounds: `limits.max_udp_flows` (a flow of the source that holds the most is evicted to make
+//! room, see `flow_table`), `limits.max_udp_flows_per_source` (a source at its limit gives up
+//! its own oldest flow), `limits.new_flows_per_source_per_second` and no flow to etp's own
+//! listener (`admission`: checked before any conntrack lookup or socket), a fair share of new
+//! flows per source while the loop is behind ([`recv_loop`]), `limits.udp_queue`
 //! datagrams queued per flow (beyond that they are dropped and counted), `limits.udp_idle_timeout`
 //! per flow. Datagrams up to 64 KiB are delivered whole; a truncated one is dropped.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -21,13 +25,15 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::admission::{is_own_listener, limited_source, source_key, Admission, Refusal};
 use super::flow_metrics::{count_upstream_error, FlowMetrics};
 use super::flow_table::{FlowTable, Room};
 use super::upstream::{decide_flow, reply_socket, udp_upstream, FlowDecision};
-use super::{ClientAddr, Dataplane, FlowGuard, OrigDst};
+use super::{ClientAddr, Dataplane, FlowGuard, FlowPolicy, OrigDst};
+use crate::config::Limits;
 use crate::dataplane::sockopt;
 use crate::kernel::conntrack::Conntrack;
-use crate::metrics::{Metrics, ReasonLabels};
+use crate::metrics::Metrics;
 use crate::model::Proto;
 
 /// How often the receive loop forgets finished flows and unused reply sockets.
@@ -41,33 +47,50 @@ thread_local! {
 
 type Key = (ClientAddr, OrigDst);
 
-fn drop_count(m: &Metrics, reason: &'static str) {
-    debug_assert!(
-        crate::metrics::UDP_DROP_REASONS.contains(&reason),
-        "{reason}"
-    );
-    m.udp_dropped_total
-        .get_or_create(&ReasonLabels { reason })
-        .inc();
+/// A flow in the receive loop's table: its queue (closed once the flow's task has ended) and
+/// its route (the label on its drops).
+struct Entry {
+    tx: mpsc::Sender<Vec<u8>>,
+    route: Arc<str>,
 }
 
-/// The receive loop of one UDP listener. Per datagram: receive it with its original
-/// destination, now and then forget finished flows, drop what cannot be relayed, hand it to
-/// its flow's queue, or start a new flow with it.
+/// Flows by (client, original destination), evicted per source ([`source_key`]).
+type Table = FlowTable<Key, IpAddr, Entry>;
+
+/// The route label of datagrams dropped before they have a flow or a destination.
+const UNKNOWN_ROUTE: &str = "unknown";
+
+/// Datagrams read in one go before the new flows among them are started.
+const BATCH: usize = 256;
+/// New flows one source may start per batch while the loop is behind (a full batch read
+/// without emptying the socket).
+const FAIR_SHARE: usize = 2;
+
+/// The receive loop of one UDP listener. Per batch of up to [`BATCH`] datagrams: receive each
+/// with its original destination, now and then forget finished flows, drop what cannot be
+/// relayed or is refused (`admission`), hand it to its flow's queue, or set it aside; then
+/// start the new flows set aside.
+///
+/// Fairness: starting a flow costs far more than relaying a datagram of an existing one (a
+/// conntrack lookup, sockets, a task), and a datagram the loop is too slow to read is dropped
+/// by the kernel whoever sent it. So while the loop is behind (a batch did not empty the
+/// socket) a source starts at most [`FAIR_SHARE`] new flows per batch: one source's flood of
+/// new flows cannot keep the loop from reading everyone else's datagrams.
 pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
     let mut rl = RecvLoop::new(dp);
     loop {
-        let Some(r) = rl.receive(&sock).await else {
-            continue;
-        };
-        rl.prune();
-        let Some((key, data)) = rl.relayable(&r) else {
-            continue;
-        };
-        let Some(data) = rl.deliver(&key, data) else {
-            continue;
-        };
-        rl.start_flow(key, data);
+        let mut read = 0;
+        let mut next = rl.receive(&sock).await;
+        while let Some(r) = next {
+            read += 1;
+            rl.prune();
+            rl.take(&r);
+            if read >= BATCH {
+                break;
+            }
+            next = rl.try_receive(&sock);
+        }
+        rl.start_pending(read >= BATCH);
     }
 }
 
@@ -75,12 +98,14 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
 struct RecvLoop<'a> {
     dp: &'a Dataplane,
     buf: Vec<u8>,
-    /// Each flow's queue; a closed one means the flow's task has ended.
-    flows: FlowTable<Key, mpsc::Sender<Vec<u8>>>,
+    /// Each flow's queue and route; a closed queue means the flow's task has ended.
+    flows: Table,
     replies: HashMap<OrigDst, Weak<UdpSocket>>,
     pruned: Instant,
     /// This loop's own ctnetlink socket: the pre-DNAT destination of each new flow.
     conntrack: Option<Conntrack>,
+    /// Datagrams of this batch that would start a new flow.
+    pending: Vec<(Key, Vec<u8>)>,
 }
 
 impl<'a> RecvLoop<'a> {
@@ -100,6 +125,7 @@ impl<'a> RecvLoop<'a> {
             replies: HashMap::new(),
             pruned: Instant::now(),
             conntrack,
+            pending: Vec::new(),
         }
     }
 
@@ -122,10 +148,72 @@ impl<'a> RecvLoop<'a> {
         }
     }
 
+    /// The next datagram if one is queued already (the rest of a batch); `None` when the
+    /// socket is empty or the receive failed.
+    fn try_receive(&mut self, sock: &UdpSocket) -> Option<sockopt::Received> {
+        let buf = &mut self.buf;
+        match sock.try_io(Interest::READABLE, || {
+            sockopt::recv_with_orig_dst(sock.as_fd(), buf)
+        }) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    debug!(error = %e, "udp receive failed");
+                }
+                None
+            }
+        }
+    }
+
+    /// One datagram: relayed to its flow, refused, or set aside to start a flow.
+    fn take(&mut self, r: &sockopt::Received) {
+        let Some((key, data)) = self.relayable(r) else {
+            return;
+        };
+        let Some(data) = self.deliver(&key, data) else {
+            return;
+        };
+        let rt = self.dp.current();
+        let limited = limited_source(&rt.limits, key.0 .0.ip());
+        if let Err(reason) = admit_new(&self.dp.admission, &rt, key, limited) {
+            // Classified only for the label: refusals cost no conntrack lookup and no socket.
+            let decision = decide_flow(&rt, Proto::Udp, key.0, key.1);
+            self.refused(reason, &decision.route, &key);
+            return;
+        }
+        self.pending.push((key, data));
+    }
+
+    /// Starts the flows set aside by `take`; `behind`: at most [`FAIR_SHARE`] per source.
+    fn start_pending(&mut self, behind: bool) {
+        let mut started: HashMap<IpAddr, usize> = HashMap::new();
+        for (key, data) in std::mem::take(&mut self.pending) {
+            // A second datagram of a flow started earlier in this batch.
+            let Some(data) = self.deliver(&key, data) else {
+                continue;
+            };
+            let n = started.entry(source_key(key.0 .0.ip())).or_insert(0);
+            if behind && *n >= FAIR_SHARE {
+                let decision = decide_flow(&self.dp.current(), Proto::Udp, key.0, key.1);
+                self.refused(Refusal::FairShare, &decision.route, &key);
+                continue;
+            }
+            *n += 1;
+            self.start_flow(key, data);
+        }
+    }
+
+    /// Counts and logs (rate-limited) a dropped datagram of `key`.
+    fn refused(&self, reason: Refusal, route: &str, key: &Key) {
+        let dp = self.dp;
+        dp.admission
+            .refused(&dp.metrics, reason, route, "udp", key.0 .0, key.1 .0);
+    }
+
     /// Every [`PRUNE_EVERY`]: forget finished flows and unused reply sockets.
     fn prune(&mut self) {
         if self.pruned.elapsed() > PRUNE_EVERY {
-            self.flows.retain(|tx| !tx.is_closed());
+            self.flows.retain(|e| !e.tx.is_closed());
             self.replies.retain(|_, w| w.strong_count() > 0);
             self.pruned = Instant::now();
         }
@@ -134,14 +222,18 @@ impl<'a> RecvLoop<'a> {
     /// The flow key and a copy of the datagram, unless it was truncated or came without its
     /// original destination (dropped and counted).
     fn relayable(&self, r: &sockopt::Received) -> Option<(Key, Vec<u8>)> {
-        let m = &self.dp.metrics;
-        if r.truncated {
-            drop_count(m, "truncated");
-            return None;
-        }
-        let Some(orig) = r.orig_dst else {
-            drop_count(m, "no_orig_dst");
-            return None;
+        let orig = match (r.truncated, r.orig_dst) {
+            (false, Some(orig)) => orig,
+            (truncated, dst) => {
+                let reason = if truncated {
+                    Refusal::Truncated
+                } else {
+                    Refusal::NoOrigDst
+                };
+                let dst = dst.unwrap_or(r.src);
+                self.refused(reason, UNKNOWN_ROUTE, &(ClientAddr(r.src), OrigDst(dst)));
+                return None;
+            }
         };
         let key = (ClientAddr(r.src), OrigDst(orig));
         Some((key, self.buf[..r.len].to_vec()))
@@ -149,13 +241,14 @@ impl<'a> RecvLoop<'a> {
 
     /// Queues the datagram on its flow. Gives it back when there is no live flow for it.
     fn deliver(&mut self, key: &Key, data: Vec<u8>) -> Option<Vec<u8>> {
-        let Some(tx) = self.flows.get_mut(key, Instant::now()) else {
+        let Some(e) = self.flows.get_mut(key, Instant::now()) else {
             return Some(data);
         };
-        match tx.try_send(data) {
+        match e.tx.try_send(data) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                drop_count(&self.dp.metrics, "queue_full");
+                let route = Arc::clone(&e.route);
+                self.refused(Refusal::QueueFull, &route, key);
                 None
             }
             // The flow ended (idle or evicted): start a new one with this datagram.
@@ -173,10 +266,15 @@ impl<'a> RecvLoop<'a> {
         let dp = self.dp;
         let m = &dp.metrics;
         let rt = dp.current();
-        self.make_room(rt.limits.max_udp_flows);
+        let limited = limited_source(&rt.limits, key.0 .0.ip()).is_some();
+        self.make_room(&rt.limits, key.0, limited);
         let asked = self.asked_destination(&key);
         let decision = decide_flow(&rt, Proto::Udp, key.0, asked);
-        let Some(reply) = self.reply_socket(key.1, rt.kernel.own_mark.0) else {
+        if decision.target != key.1 .0 && is_own_listener(decision.target, rt.listener_port) {
+            self.refused(Refusal::SelfLoop, &decision.route, &key);
+            return;
+        }
+        let Some(reply) = self.reply_socket(&key, &decision.route, rt.kernel.own_mark.0) else {
             return;
         };
         let up = match udp_upstream(decision.target, decision.mark) {
@@ -185,13 +283,19 @@ impl<'a> RecvLoop<'a> {
                 count_upstream_error(m, &decision.route, &e);
                 debug!(client = %key.0, orig_dst = %key.1, upstream = %decision.target, error = %e,
                     "udp upstream socket failed");
-                drop_count(m, "upstream");
+                self.refused(Refusal::Upstream, &decision.route, &key);
                 return;
             }
         };
         let (tx, rx) = mpsc::channel(rt.limits.udp_queue);
         tx.try_send(data).expect("a new queue has room");
-        self.flows.insert(key, tx, Instant::now());
+        let route = Arc::from(decision.route.as_str());
+        self.flows.insert(
+            key,
+            source_key(key.0 .0.ip()),
+            Entry { tx, route },
+            Instant::now(),
+        );
         let f = Flow {
             client: key.0,
             orig: asked,
@@ -200,23 +304,35 @@ impl<'a> RecvLoop<'a> {
             reply,
             idle: rt.limits.udp_idle_timeout,
             metrics: Arc::clone(&dp.metrics),
+            admission: Arc::clone(&dp.admission),
             _guard: dp.flows.enter(),
         };
         spawn_flow(f, rx, dp.flows.cancelled());
     }
 
-    /// Below `max` flows: finished flows go first, then the least recently used (dropping an
-    /// evicted flow's sender ends that flow's task).
-    fn make_room(&mut self, max: usize) {
-        while self.flows.len() >= max {
-            match self.flows.make_room(|tx| tx.is_closed()) {
+    /// Room for one more flow of `client`: a limited source at
+    /// `limits.max_udp_flows_per_source` gives up its own least recently used flow; a full
+    /// table gives up one of the source that holds the most (`flow_table`). Finished flows go
+    /// first; dropping an evicted flow's sender ends that flow's task.
+    fn make_room(&mut self, limits: &Limits, client: ClientAddr, limited: bool) {
+        let source = source_key(client.0.ip());
+        let per_source = limits.max_udp_flows_per_source;
+        let mut evicted = 0;
+        while limited && per_source > 0 && self.flows.source_len(&source) >= per_source {
+            match self.flows.make_room_from(source, |e| e.tx.is_closed()) {
                 Room::Freed => {}
-                Room::Evicted => {
-                    self.dp.metrics.udp_evictions_total.inc();
-                }
+                Room::Evicted => evicted += 1,
                 Room::Empty => break,
             }
         }
+        while self.flows.len() >= limits.max_udp_flows {
+            match self.flows.make_room(|e| e.tx.is_closed()) {
+                Room::Freed => {}
+                Room::Evicted => evicted += 1,
+                Room::Empty => break,
+            }
+        }
+        self.dp.metrics.udp_evictions_total.inc_by(evicted);
     }
 
     /// What the client asked for: before a DNAT (kube-proxy's ClusterIP -> endpoint) that
@@ -237,9 +353,10 @@ impl<'a> RecvLoop<'a> {
         }
     }
 
-    /// The transparent socket bound to `orig` that replies leave from, shared by every flow
-    /// to `orig`; `None` (dropped and counted) when it cannot be bound.
-    fn reply_socket(&mut self, orig: OrigDst, own_mark: u32) -> Option<Arc<UdpSocket>> {
+    /// The transparent socket bound to `key.1` that replies leave from, shared by every flow
+    /// to it; `None` (dropped and counted under `route`) when it cannot be bound.
+    fn reply_socket(&mut self, key: &Key, route: &str, own_mark: u32) -> Option<Arc<UdpSocket>> {
+        let orig = key.1;
         if let Some(s) = self.replies.get(&orig).and_then(Weak::upgrade) {
             return Some(s);
         }
@@ -252,7 +369,7 @@ impl<'a> RecvLoop<'a> {
             Err(e) => {
                 warn!(orig_dst = %orig, error = %e,
                     "cannot bind a transparent reply socket to the original destination");
-                drop_count(&self.dp.metrics, "reply_socket");
+                self.refused(Refusal::ReplySocket, route, key);
                 None
             }
         }
@@ -273,6 +390,23 @@ fn spawn_flow(
     })
 }
 
+/// Whether a datagram that would start a new flow may: never to etp's own listener (see
+/// `admission`), and within its source's new-flow rate.
+fn admit_new(
+    ad: &Admission,
+    rt: &FlowPolicy,
+    key: Key,
+    limited: Option<IpAddr>,
+) -> Result<(), Refusal> {
+    if is_own_listener(key.1 .0, rt.listener_port) {
+        return Err(Refusal::SelfLoop);
+    }
+    match limited {
+        Some(s) => ad.new_flow_rate(s, rt.limits.new_flows_per_source_per_second),
+        None => Ok(()),
+    }
+}
+
 struct Flow {
     client: ClientAddr,
     orig: OrigDst,
@@ -281,6 +415,7 @@ struct Flow {
     reply: Arc<UdpSocket>,
     idle: Duration,
     metrics: Arc<Metrics>,
+    admission: Arc<Admission>,
     _guard: FlowGuard,
 }
 
@@ -355,7 +490,14 @@ impl Flow {
                 Err(e) => {
                     debug!(client = %self.client, orig_dst = %self.orig, error = %e,
                         "udp reply to client dropped");
-                    drop_count(&self.metrics, "send");
+                    self.admission.refused(
+                        &self.metrics,
+                        Refusal::Send,
+                        &self.decision.route,
+                        "udp",
+                        self.client.0,
+                        self.orig.0,
+                    );
                     Ok(Some(0))
                 }
             }
@@ -395,6 +537,7 @@ mod tests {
             reply,
             idle: Duration::from_secs(60),
             metrics: Arc::clone(&metrics),
+            admission: Arc::default(),
             _guard: flows.enter(),
         };
         let labels = FlowLabels {
