@@ -283,7 +283,7 @@ impl Admission {
         }
         let admitted = lock(&self.log).admit(reason, Instant::now());
         if let Some(suppressed) = admitted {
-            warn!(reason = reason.as_str(), route, proto, %client, %orig_dst, suppressed,
+            warn!(reason = %reason.as_str(), route, proto, %client, %orig_dst, suppressed,
                 "refused (at most one line per reason per second; `suppressed` were not logged)");
         }
     }
