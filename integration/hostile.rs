@@ -35,6 +35,18 @@ action = "direct"
 
 const ECHO: &str = "10.96.0.20:7001";
 
+/// A route whose `forward_to` is the router's own address on the listener port: `etp check`
+/// cannot know node addresses, so the data path must refuse each flow.
+const FORWARD_TO_SELF: &str = r#"
+[[route]]
+name = "toself"
+protocols = ["tcp", "udp"]
+destinations = ["10.96.0.21/32"]
+ports = [7001]
+action = "forward"
+forward_to = "10.10.2.1:15001"
+"#;
+
 fn config(limits: &str) -> String {
     format!("[listener]\nport = 15001\n\n[limits]\n{limits}\n{ROUTES}")
 }
@@ -117,7 +129,7 @@ fn one_answer(src: &str, bound: Duration) -> (Answer, Duration) {
 fn a_connection_to_the_routers_own_listener_is_refused_without_a_loop() {
     require_root!();
     let t = topo();
-    let etp = start_etp(&t.router, &config(""));
+    let etp = start_etp(&t.router, &format!("{}{FORWARD_TO_SELF}", config("")));
     // The router's own address on the TPROXY port: no tproxy rule sends it to etp, the
     // wildcard listener takes it directly.
     let out = t.client.try_exec(
@@ -160,6 +172,16 @@ fn a_connection_to_the_routers_own_listener_is_refused_without_a_loop() {
         "timeout",
         &["3", "bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/15001"],
     );
+    // An intercepted flow whose route forwards to etp's own listener.
+    let _ = t.client.try_exec(
+        "timeout",
+        &[
+            "3",
+            "bash",
+            "-c",
+            "exec 3<>/dev/tcp/10.96.0.21/7001; sleep 1",
+        ],
+    );
     let m = etp.metrics();
     assert!(sum(&m, "etp_flows_total{") <= 1, "{m}");
     assert!(
@@ -169,25 +191,31 @@ fn a_connection_to_the_routers_own_listener_is_refused_without_a_loop() {
         ) >= 3,
         "{m}"
     );
+    assert!(
+        metric(
+            &m,
+            "etp_refused_total{route=\"toself\",proto=\"tcp\",reason=\"self_loop\"}"
+        ) >= 1,
+        "{m}"
+    );
 }
 
 #[test]
 fn a_datagram_to_the_routers_own_listener_leaves_no_local_socket() {
     require_root!();
     let t = topo();
-    let etp = start_etp(&t.router, &config(""));
-    for dst in ["10.10.1.1/15001", "fd10:1::1/15001"] {
+    let etp = start_etp(&t.router, &format!("{}{FORWARD_TO_SELF}", config("")));
+    // Two to the router's addresses, one intercepted for a route that forwards to etp.
+    for dst in ["10.10.1.1/15001", "fd10:1::1/15001", "10.96.0.21/7001"] {
         t.client
             .exec("bash", &["-c", &format!("echo hello > /dev/udp/{dst}")]);
     }
     // Witness: every UDP socket on port 15001 in the router is a wildcard listener.
     let bound = common::wait_for(Duration::from_secs(5), || {
         let m = etp.metrics();
-        (sum(
-            &m,
-            "etp_refused_total{route=\"unmatched\",proto=\"udp\",reason=\"self_loop\"",
-        ) >= 2)
-            .then_some(())
+        let own = "etp_refused_total{route=\"unmatched\",proto=\"udp\",reason=\"self_loop\"}";
+        let fwd = "etp_refused_total{route=\"toself\",proto=\"udp\",reason=\"self_loop\"}";
+        (metric(&m, own) >= 2 && metric(&m, fwd) >= 1).then_some(())
     });
     let ss = t.router.exec("ss", &["-Huan", "sport = :15001"]);
     let locals: Vec<&str> = ss
