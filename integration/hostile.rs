@@ -244,6 +244,49 @@ fn a_datagram_to_the_routers_own_listener_leaves_no_local_socket() {
     assert_eq!(sum(&m, "etp_flows_total{route=\"unmatched\""), 0, "{m}");
 }
 
+/// With `IP_MULTICAST_ALL` on (the kernel's default), a wildcard-bound socket receives the
+/// datagrams of every multicast group any socket of the host joined, on its port. etp's UDP
+/// listener must not: here another program on the router joined 239.1.1.1 on port 15001.
+#[test]
+fn a_multicast_group_someone_else_joined_does_not_reach_etp() {
+    require_root!();
+    let t = topo();
+    let etp = start_etp(&t.router, &config(""));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let member = in_netns(&t.router.name, move || {
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, None).expect("socket");
+        // etp's listener holds 0.0.0.0:15001 with SO_REUSEADDR; so does this one.
+        s.set_reuse_address(true).unwrap();
+        let group: SocketAddr = "239.1.1.1:15001".parse().unwrap();
+        s.bind(&group.into()).expect("bind the group address");
+        s.join_multicast_v4(&"239.1.1.1".parse().unwrap(), &"10.10.1.1".parse().unwrap())
+            .expect("join");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let u: UdpSocket = s.into();
+        ready_tx.send(()).unwrap();
+        let mut buf = [0u8; 64];
+        u.recv_from(&mut buf).is_ok()
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("member ready");
+    t.client
+        .exec("bash", &["-c", "echo hello > /dev/udp/239.1.1.1/15001"]);
+    assert!(
+        member.join().expect("member thread"),
+        "the group member got the datagram"
+    );
+    // Give etp's loop time to see it, if it was delivered to it.
+    std::thread::sleep(Duration::from_millis(300));
+    let m = etp.metrics();
+    assert_eq!(sum(&m, "etp_flows_total{"), 0, "{m}");
+    assert_eq!(
+        sum(&m, "etp_refused_total{"),
+        0,
+        "etp's listener received the group's datagram:\n{m}"
+    );
+}
+
 #[test]
 fn one_source_over_its_share_is_refused_and_others_are_served() {
     require_root!();
