@@ -91,12 +91,14 @@ pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
 }
 
 /// Whether `dst` is etp's own listener: the listener port on a loopback, unspecified,
-/// multicast or broadcast address, or on an address of this node. Whether an address is the
-/// node's is asked of the kernel by binding a plain UDP socket to it (port 0): only local
-/// (and broadcast) addresses can be bound without `IP_TRANSPARENT`/`IP_FREEBIND`. The bind
-/// runs only for flows to the listener port, which legitimate intercepted traffic rarely uses.
-/// (With `net.ipv4.ip_nonlocal_bind = 1` every address binds, and flows to remote addresses on
-/// the listener port are refused too: the safe side.)
+/// multicast, broadcast or IPv6 link-local address, or on an address of this node. Whether an
+/// address is the node's is asked of the kernel by binding a plain UDP socket to it (port 0):
+/// only local (and broadcast) addresses can be bound without `IP_TRANSPARENT`/`IP_FREEBIND`.
+/// The bind runs only for flows to the listener port, which legitimate intercepted traffic
+/// rarely uses. A link-local address cannot be bound without its interface, which the flow
+/// does not name, so every link-local address on the listener port counts as etp's own. (With
+/// `net.ipv4.ip_nonlocal_bind = 1` every address binds, and flows to remote addresses on the
+/// listener port are refused too: the safe side, as for link-local.)
 pub(crate) fn is_own_listener(dst: SocketAddr, listener_port: u16) -> bool {
     if dst.port() != listener_port {
         return false;
@@ -104,7 +106,7 @@ pub(crate) fn is_own_listener(dst: SocketAddr, listener_port: u16) -> bool {
     let ip = dst.ip().to_canonical();
     let special = match ip {
         IpAddr::V4(v4) => v4.is_broadcast(),
-        IpAddr::V6(_) => false,
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
     };
     special
         || ip.is_loopback()
@@ -315,6 +317,10 @@ mod tests {
         assert!(on("224.0.0.251:15001"));
         assert!(on("[ff02::fb]:15001"));
         assert!(on("[::ffff:127.0.0.1]:15001"));
+        assert!(
+            on("[fe80::1]:15001"),
+            "link-local: its interface is unknown"
+        );
         assert!(!on("127.0.0.1:53"), "another port is not the listener");
         // TEST-NET-3 is never a local address.
         assert!(!on("203.0.113.9:15001"), "a remote address is not etp");
