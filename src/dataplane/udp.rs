@@ -91,6 +91,9 @@ pub(super) async fn recv_loop(dp: &Dataplane, sock: UdpSocket) {
             next = rl.try_receive(&sock);
         }
         rl.start_pending(read >= BATCH);
+        // Let the flows on this worker relay their replies between batches: under a flood the
+        // socket is always readable, and the loop would otherwise keep the thread.
+        tokio::task::yield_now().await;
     }
 }
 
