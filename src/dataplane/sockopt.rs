@@ -14,9 +14,12 @@
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag, SpliceFFlags};
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::unistd::pipe2;
 use socket2::{Socket, TcpKeepalive};
 
 /// The size of a UDP receive buffer that holds any datagram whole (IPv6 payloads reach 65527).
@@ -102,28 +105,12 @@ pub fn set_multicast_all_off(sock: &Socket, v6: bool) -> io::Result<()> {
 /// Asks the kernel to attach the original destination of each datagram
 /// (`IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR`) as a control message to `recvmsg`.
 pub fn set_recv_orig_dst(sock: &Socket, v6: bool) -> io::Result<()> {
-    let (level, name) = if v6 {
-        (libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR)
+    let r = if v6 {
+        setsockopt(sock, sockopt::Ipv6OrigDstAddr, &true)
     } else {
-        (libc::SOL_IP, libc::IP_RECVORIGDSTADDR)
+        setsockopt(sock, sockopt::Ipv4OrigDstAddr, &true)
     };
-    let one: libc::c_int = 1;
-    // SAFETY: `sock` is a valid open socket for the duration of the call; the option value
-    // points at a live c_int and its exact size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    r.map_err(io::Error::from)
 }
 
 /// One datagram received by [`recv_with_orig_dst`].
@@ -239,54 +226,31 @@ pub struct Pipe {
 impl Pipe {
     /// A non-blocking pipe, enlarged to `size` bytes if the kernel allows (`F_SETPIPE_SZ`).
     pub fn new(size: usize) -> io::Result<Pipe> {
-        let mut fds = [0 as libc::c_int; 2];
-        // SAFETY: `fds` is a live array of two c_ints, as pipe2 requires.
-        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        use std::os::fd::FromRawFd;
-        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-        let (read, write) = unsafe {
-            (
-                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
-                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
-            )
-        };
-        // SAFETY: plain fcntl on a descriptor we own; failure (size over pipe-max-size) is fine.
-        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // Failure (a size over pipe-max-size) keeps the default size, which is fine.
+        let _ = fcntl(
+            write.as_raw_fd(),
+            FcntlArg::F_SETPIPE_SZ(size as libc::c_int),
+        );
         Ok(Pipe { read, write })
     }
 
     /// Moves up to `len` bytes from socket `from` into the pipe. `Ok(0)` is end of stream.
     pub fn fill(&self, from: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-        splice(from.as_raw_fd(), self.write.as_raw_fd(), len)
+        splice(from, self.write.as_fd(), len)
     }
 
     /// Moves up to `len` bytes from the pipe into socket `to`.
     pub fn drain(&self, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-        splice(self.read.as_raw_fd(), to.as_raw_fd(), len)
+        splice(self.read.as_fd(), to, len)
     }
 }
 
-fn splice(from: libc::c_int, to: libc::c_int, len: usize) -> io::Result<usize> {
-    // SAFETY: both descriptors are open for the duration of the call (borrowed by the caller);
-    // null offsets mean "use the file position", which sockets and pipes require.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+/// `splice(2)` between a socket and a pipe, non-blocking; no offsets (sockets and pipes
+/// have no file position).
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    Ok(nix::fcntl::splice(from, None, to, None, len, flags)?)
 }
 
 #[cfg(test)]

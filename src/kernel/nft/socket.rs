@@ -1,7 +1,7 @@
 //! The nf_tables netlink socket: requests, dumps, the generation id, and sending one batch
 //! with its acks collected (`apply` and `audit` build on it).
 //!
-//! Kernel behaviour this code is built around (see /work/shared/notes/netlink-facts.md):
+//! Kernel behaviour this code is built around (measured; NOTES.md, "Kernel facts measured here"):
 //! - A batch commits only if BEGIN and END arrive in the same skb: the whole batch goes out in
 //!   ONE `sendmsg` (iovecs BEGIN, body, END), with SO_SNDBUFFORCE raised to its size.
 //! - nfnetlink processes a batch synchronously inside `sendmsg`: when it returns, every reply is

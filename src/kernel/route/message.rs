@@ -1,7 +1,7 @@
 //! Pure half of the routing module: model entries -> rtnetlink messages, dumped messages ->
 //! comparable views, and the diff between desired and observed. No socket here.
 //!
-//! Kernel semantics encoded here (measured on 6.18, see notes/netlink-facts.md):
+//! Kernel semantics encoded here (measured on 6.18, NOTES.md, "Kernel facts measured here"):
 //! - A rule's action must be FR_ACT_TO_TBL. With FR_ACT_UNSPEC the kernel stores a rule that
 //!   makes every lookup hitting it fail with EINVAL (`ip route get ... mark M`).
 //! - Table ids above 255 do not fit the u8 table field of `fib_rule_hdr` / `rtmsg`. The kernel
