@@ -2,10 +2,14 @@
 //! connections, and the lifecycle of flows (limits, reload, drain).
 //!
 //! - `listen`: creating the transparent TCP/UDP sockets ([`Listeners::bind`]).
-//! - `upstream`: which address and mark a flow's upstream gets, and the marked connect.
-//! - `tcp`: the accept loop and one task per connection (relayed by `crate::dataplane::relay`).
+//! - `upstream`: the flow decision (route, action, upstream address and mark) and the marked
+//!   upstream sockets.
+//! - `flow_metrics`: one flow's counters and open gauge, released however the flow ends.
+//! - `tcp`: the accept loop and one task per connection (relayed by `relay`).
 //! - `udp`: the receive loop, the flows and the reply sockets; `flow_table`: the UDP flow table
 //!   and its eviction order.
+//! - `fdlimit`: back-off on descriptor exhaustion; `sockopt`: socket options and the only
+//!   unsafe socket code.
 //!
 //! Reload: the daemon publishes a new [`FlowPolicy`] on a `watch` channel. Each new flow reads the
 //! current one when it starts; established flows keep the routes they started with.

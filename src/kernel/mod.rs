@@ -3,6 +3,12 @@
 //! Order matters and lives here: policy routing goes in before the table (a tproxy-marked
 //! packet without its ip rule would be forwarded rather than delivered locally), and comes out
 //! after it. No decisions about *what* to install are made here: that is `plan`.
+//!
+//! The only place that opens netlink sockets; it imports `model` only.
+//! - `netlink`: generic framing, acks, interrupted dumps, the socket (kernel-only reads)
+//! - `nft`: etp's nftables table (encode, current state, apply, audit, notifications)
+//! - `route`: ip rules and local routes over rtnetlink (messages, apply, notifications)
+//! - `conntrack`: a UDP flow's pre-DNAT destination; `sockdiag`: TIME-WAIT cleanup
 
 pub(crate) mod conntrack;
 mod netlink;
