@@ -21,7 +21,7 @@ mod expr;
 mod monitor;
 mod socket;
 mod text;
-pub(crate) mod wire;
+mod wire;
 
 pub use apply::ApplyReport;
 pub use audit::TableDrift;
