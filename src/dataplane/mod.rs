@@ -4,6 +4,7 @@
 //! - `listen`: creating the transparent TCP/UDP sockets ([`Listeners::bind`]).
 //! - `upstream`: the flow decision (route, action, upstream address and mark) and the marked
 //!   upstream sockets.
+//! - `admission`: which new flows etp takes on (self-loop, per-source limits, UDP fairness).
 //! - `flow_metrics`: one flow's counters and open gauge, released however the flow ends.
 //! - `tcp`: the accept loop and one task per connection (relayed by `relay`).
 //! - `udp`: the receive loop, the flows and the reply sockets; `flow_table`: the UDP flow table
