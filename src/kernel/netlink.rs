@@ -17,7 +17,7 @@ use std::io::{self, IoSlice};
 use std::time::Duration;
 
 use nix::sys::socket::{setsockopt, sockopt};
-use rtnetlink::sys::Socket;
+use rtnetlink::sys::{Socket, SocketAddr};
 use socket2::SockRef;
 use tracing::warn;
 
@@ -386,16 +386,25 @@ impl NlSocket {
         loop {
             buf.clear();
             let (n, from) = self.sock.recv_from(buf, flags)?;
-            if from.port_number() == 0 {
+            if from_kernel(&from, "reply") {
                 return Ok(n);
             }
-            warn!(
-                sender = from.port_number(),
-                bytes = n,
-                "netlink message from a process, not the kernel: skipped"
-            );
         }
     }
+}
+
+/// Whether a datagram came from the kernel (port id 0). Only the kernel answers etp's
+/// requests and reports changes; another process that sends to etp's port (possible as root,
+/// or where a protocol lets anyone send) is logged and its datagram skipped.
+pub fn from_kernel(from: &SocketAddr, what: &'static str) -> bool {
+    if from.port_number() == 0 {
+        return true;
+    }
+    warn!(
+        sender = from.port_number(),
+        what, "netlink message from a process, not the kernel: skipped"
+    );
+    false
 }
 
 /// Whether an I/O error means the wait ended without a datagram.
@@ -457,7 +466,7 @@ mod tests {
     /// anyone send): its datagram must not be read as the kernel's answer.
     #[test]
     fn a_datagram_from_another_process_is_skipped() {
-        use rtnetlink::sys::{protocols::NETLINK_NETFILTER, SocketAddr};
+        use rtnetlink::sys::protocols::NETLINK_NETFILTER;
         let ours = NlSocket::open(NETLINK_NETFILTER).expect("netlink socket");
         let mut addr = SocketAddr::new(0, 0);
         ours.sock.get_address(&mut addr).expect("our address");

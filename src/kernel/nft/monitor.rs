@@ -16,7 +16,7 @@ use std::io;
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, AsyncSocket, AsyncSocketExt, TokioSocket};
 
 use super::wire::{NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWGEN};
-use crate::kernel::netlink::Msgs;
+use crate::kernel::netlink::{from_kernel, Msgs};
 
 /// `NFNLGRP_NFTABLES` (include/uapi/linux/netfilter/nfnetlink.h).
 pub const NFNLGRP_NFTABLES: u32 = 7;
@@ -66,13 +66,7 @@ impl NftMonitor {
         loop {
             self.buf.clear();
             match self.sock.recv_from(&mut self.buf).await {
-                // Only the kernel (port id 0) reports changes; anything else is not a change.
-                Ok(from) if from.port_number() != 0 => {
-                    tracing::warn!(
-                        sender = from.port_number(),
-                        "nf_tables notification from a process, not the kernel: skipped"
-                    );
-                }
+                Ok(from) if !from_kernel(&from, "nf_tables notification") => {}
                 Ok(_) if touches_table(&self.buf, self.family, &self.table) => return Ok(()),
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(()),

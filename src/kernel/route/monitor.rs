@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::message::{RouteView, RuleView};
 use super::RouteError;
+use crate::kernel::netlink::from_kernel;
 
 /// `RTNLGRP_IPV6_RULE` (19) as a legacy group bit; rtnetlink's constants stop short of it.
 const RTMGRP_IPV6_RULE: u32 = 1 << (19 - 1);
@@ -45,14 +46,8 @@ pub fn counts(
     table: u32,
     protocol: u8,
 ) -> bool {
-    if from.port_number() != 0 {
-        tracing::warn!(
-            sender = from.port_number(),
-            "rtnetlink notification from a process, not the kernel: skipped"
-        );
-        return false;
-    }
-    matches!(msg.payload, NetlinkPayload::Overrun(_)) || concerns(msg, table, protocol)
+    from_kernel(from, "rtnetlink notification")
+        && (matches!(msg.payload, NetlinkPayload::Overrun(_)) || concerns(msg, table, protocol))
 }
 
 /// An rtnetlink socket subscribed to rule and route changes in the calling thread's namespace.
