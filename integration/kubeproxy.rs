@@ -9,7 +9,9 @@
 
 mod common;
 
-use common::topo::{curl, dig, metric, standin_lines, start_etp, start_standin, stop_etp, topo};
+use common::topo::{
+    curl, dig, metric, standin_lines, start_etp, start_standin, start_standin_with, stop_etp, topo,
+};
 use common::TempFile;
 
 const CFG: &str = r#"
@@ -91,6 +93,53 @@ fn linkerd_is_handed_the_cluster_ip_not_the_endpoint() {
     // kube-proxy's own table is untouched by etp.
     let listed = t.router.nft(&["list", "table", "ip", "kube-proxy-test"]);
     assert!(listed.contains("dnat to 10.96.0.10:8080"), "{listed}");
+}
+
+/// The kernel hand-off beside kube-proxy: etp's DNAT to the hand-off address (nat prerouting
+/// and output, -110) is the connection's first NAT binding, so the proxy's `SO_ORIGINAL_DST`
+/// is the ClusterIP, and kube-proxy's DNAT (-100) does not apply to it.
+#[test]
+fn kernel_handoff_hands_linkerd_the_cluster_ip() {
+    require_root!();
+    let t = topo();
+    let rules = TempFile::new("kube-proxy.nft", KUBE_PROXY);
+    t.router.nft(&["-f", rules.as_str()]);
+    let log = TempFile::new("standin.log", "");
+    let _standin = start_standin_with(
+        &t.router,
+        &log,
+        &["--listen", "169.254.15.1", "--listen", "fd00:15::1"],
+        4,
+    );
+    let cfg = format!("{CFG}\n[linkerd]\nhandoff = \"kernel\"\n")
+        .replace("port = 15001", "port = 15001\nlocal = true");
+    let etp = start_etp(&t.router, &cfg);
+    let body = curl(&t.client, "http://10.96.0.99/");
+    assert!(body.starts_with("hello from 10.96.0.10:8080"), "{body}");
+    let body = curl(&t.client, "http://[fd00:10:96::63]/");
+    assert!(
+        body.starts_with("hello from [fd00:10:96::a]:8080"),
+        "{body}"
+    );
+    // Node-local clients too (nat output).
+    let body = curl(&t.router, "http://10.96.0.99/");
+    assert!(body.starts_with("hello from 10.96.0.10:8080"), "{body}");
+    let _ = stop_etp(etp);
+    let lines = standin_lines(&log);
+    assert_eq!(
+        lines.len(),
+        3,
+        "every connection reached Linkerd: {lines:?}"
+    );
+    assert!(
+        lines[0].starts_with("orig_dst=10.96.0.99:80 peer=10.10.1.2:"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("orig_dst=[fd00:10:96::63]:80 peer=[fd10:1::2]:"),
+        "{lines:?}"
+    );
+    assert!(lines[2].starts_with("orig_dst=10.96.0.99:80 "), "{lines:?}");
 }
 
 const CFG_UDP: &str = r#"

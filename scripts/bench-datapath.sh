@@ -10,7 +10,13 @@
 #   haproxy         HAProxy, `bind ... transparent`, `server orig 0.0.0.0` (= original destination)
 #   haproxy-splice  the same with `option splice-auto`
 #   nginx           nginx stream, `proxy_pass $server_addr:$server_port`, on a transparent listener
-#   etp-linkerd     etp with action `linkerd`: hand-off through the Linkerd stand-in (extra row)
+#   etp-linkerd     etp with action `linkerd`: hand-off through the Linkerd stand-in (extra row;
+#                   `[linkerd] handoff = "relay"`: etp's relay, then the stand-in)
+#   etp-kernel      the same with `[linkerd] handoff = "kernel"`: etp's ruleset DNATs the client's
+#                   connection to the stand-in at the hand-off address (etp not in the path)
+#   kernel-nat      the reference for etp-kernel: a hand-written `dnat to 169.254.15.1:4140` in
+#                   nat prerouting to the same stand-in on a hand-off interface, no etp at all
+#                   (what an operator could write instead); measured: the stand-in
 #
 # The peers get the very ruleset etp installs (`etp render` loaded with nft -f, plus the same
 # `ip rule fwmark` / `ip route local` pair), so only the user-space program differs between rows.
@@ -33,7 +39,7 @@ set -euo pipefail
 ETP=$(realpath "${1:-target/release/etp}")
 EX="$(dirname "$ETP")/examples"
 SECS=${BENCH_SECS:-5}
-ROWS=${BENCH_ROWS:-routing etp etp-2t etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd}
+ROWS=${BENCH_ROWS:-routing etp etp-2t etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd etp-kernel kernel-nat}
 CONNS=${BENCH_CONNS:-1000}
 ROUNDS=${BENCH_ROUNDS:-3}
 PHASES=" ${BENCH_PHASES:-tcp1 tcp4 ka close sys udp idle} "
@@ -157,6 +163,23 @@ etp_cfg direct splice >"$WORK/etp-splice.toml"
 etp_cfg direct copy >"$WORK/etp-copy.toml"
 etp_cfg linkerd >"$WORK/etp-linkerd.toml"
 etp_cfg direct adaptive 2 >"$WORK/etp-2t.toml"
+HANDOFF=169.254.15.1
+{ etp_cfg linkerd; printf '[linkerd]\nhandoff = "kernel"\nhandoff_address = ["%s"]\n' "$HANDOFF"; } \
+  >"$WORK/etp-kernel.toml"
+# kernel-nat: what etp-kernel's ruleset does for this route, written by hand.
+cat >"$WORK/kernel-nat.nft" <<EOF
+table ip bench_nat {
+  chain pre {
+    type nat hook prerouting priority -110; policy accept;
+    ip daddr $SVC tcp dport 1-65535 dnat to $HANDOFF:4140
+  }
+}
+EOF
+standin() { # the Linkerd stand-in as the proxy's uid, listening on the hand-off address too
+  ip netns exec "$R" setpriv --reuid=2102 --regid=2102 --clear-groups "$EX/linkerd-standin" --log /dev/null \
+    --listen "$HANDOFF" >"$WORK/standin.log" 2>&1 &
+  waitfor 100 listening "$R" -ltn 4140 || { echo "bench: stand-in did not start"; return 1; }
+}
 
 # The kernel side for the peers: exactly what etp installs for the same config.
 install_ruleset() {
@@ -230,12 +253,24 @@ start_row() { # $1 = row; sets IPID (main pid) and PIDS (all processes measured)
       [ "$1" = etp-2t ] && cfg="$WORK/etp-2t.toml"
       ip netns exec "$R" env RUST_LOG=etp=info "$ETP" run -c "$cfg" >"$WORK/$1.log" 2>&1 &
       IPID=$! ;;
-    etp-linkerd)
-      ip netns exec "$R" setpriv --reuid=2102 --regid=2102 --clear-groups "$EX/linkerd-standin" --log /dev/null \
-        >"$WORK/standin.log" 2>&1 &
-      waitfor 100 listening "$R" -ltn 4140 || { echo "bench: stand-in did not start"; return 1; }
-      ip netns exec "$R" env RUST_LOG=etp=info "$ETP" run -c "$WORK/etp-linkerd.toml" >"$WORK/$1.log" 2>&1 &
+    etp-linkerd|etp-kernel)
+      standin || return 1
+      ip netns exec "$R" env RUST_LOG=etp=info "$ETP" run -c "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
       IPID=$! ;;
+    kernel-nat)
+      # The hand-off interface by hand (dummy, or ifb on kernels without dummy, as etp does).
+      nsx "$R" ip link add bench-ho type dummy 2>/dev/null || nsx "$R" ip link add bench-ho type ifb
+      nsx "$R" ip link set bench-ho up
+      nsx "$R" ip addr add "$HANDOFF/32" dev bench-ho
+      nsx "$R" nft -f "$WORK/kernel-nat.nft"
+      standin || return 1
+      for pid in $(ip netns pids "$R"); do
+        [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = linkerd-standin ] && IPID=$pid
+      done
+      PIDS="$IPID"
+      sleep 1
+      log "$1: measuring pids $PIDS ($(cat /proc/$IPID/comm))"
+      return 0 ;;
     haproxy|haproxy-splice)
       install_ruleset
       ip netns exec "$R" haproxy -db -f "$WORK/$1.cfg" >"$WORK/$1.log" 2>&1 &
@@ -259,6 +294,8 @@ stop_row() {
   for _ in $(seq 1 50); do kill -0 "$IPID" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$IPID" 2>/dev/null || true
   for pid in $(ip netns pids "$R"); do kill "$pid" 2>/dev/null || true; done  # the stand-in
+  nsx "$R" nft delete table ip bench_nat 2>/dev/null || true
+  nsx "$R" ip link del bench-ho 2>/dev/null || true
   sleep 0.3
   remove_ruleset
   # The interceptor closed its client legs first, so their TIME-WAIT remnants stay in the router
@@ -380,7 +417,7 @@ measure_row() { # one round of one row; $1 = 1 on the last round (adds the idle-
     wait "$hold" 2>/dev/null || true
     put rss_peak "$(mem VmHWM)"
   fi
-  if [ -n "$IPID" ]; then
+  if [ -n "$IPID" ] && [ "$ROW" != kernel-nat ]; then
     # Packets the `socket transparent 1` rule steered to accepted sockets: 0 would mean the
     # interceptor was bypassed (fail-open) and the row measured routing.
     put tproxied_pkts "$(nsx "$R" nft list chain inet etp established | awk '/socket transparent 1/ { for (i = 1; i < NF; i++) if ($i == "packets" && $(i + 1) ~ /^[0-9]+$/) { print $(i + 1); exit } }')"

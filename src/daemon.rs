@@ -19,10 +19,12 @@ use crate::admin::{self, AdminState};
 use crate::classify::Decision;
 use crate::config::{Config, Source};
 use crate::dataplane::{Dataplane, FlowPolicy, ListenError, Listeners, UNMATCHED};
+use crate::health::{self, Probe};
 use crate::kernel::{Change, Kernel, KernelError, Monitor};
 use crate::metrics::{FlowLabels, Metrics, ResultLabels};
 use crate::model::{Desired, Proto};
 use crate::plan;
+use crate::plan_handoff::ProxyState;
 use crate::telemetry::chain;
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +123,26 @@ struct Daemon {
     admin: Arc<AdminState>,
     last_reload: Option<(SystemTime, Result<(), String>)>,
     started: SystemTime,
+    /// The proxy's health the installed ruleset follows.
+    proxy: ProxyState,
+    /// What the health task checks (follows reloads).
+    probe_tx: watch::Sender<Probe>,
+    /// The health task's verdicts.
+    proxy_rx: watch::Receiver<ProxyState>,
+    /// Whether conntrack events of kernel hand-offs are read (started with the first config
+    /// that hands flows over in the kernel; it then runs until etp stops).
+    flow_events: bool,
+}
+
+/// One probe before the first apply, so that the first ruleset already follows the proxy.
+async fn first_probe(cfg: &Config, probe: &Probe) -> ProxyState {
+    if probe.run(cfg.kernel.own_mark.0).await {
+        ProxyState::Ready
+    } else {
+        warn!(%probe, when_unavailable = %cfg.linkerd.when_unavailable,
+            "the linkerd proxy is not ready at start-up");
+        ProxyState::Unavailable
+    }
 }
 
 /// Fail-open stop, after the ruleset is gone: destroys the TIME-WAIT remnants of etp's
@@ -171,13 +193,30 @@ pub async fn run(source: Source, cfg: Config) -> Result<(), DaemonError> {
     let listeners =
         Listeners::bind(cfg.listener.port, cfg.listener.ipv6).map_err(DaemonError::Listen)?;
     let policy = Arc::new(FlowPolicy::new(&cfg));
+    let mut kernel = Kernel::connect().await.map_err(DaemonError::Connect)?;
+    // The hand-off address exists before the first health probe looks for a listener on it.
+    kernel
+        .apply_link(&plan::plan_with(&cfg, &policy.classifier))
+        .await
+        .map_err(DaemonError::Apply)?;
+    let probe = Probe::of(&cfg);
+    let proxy = first_probe(&cfg, &probe).await;
+    metrics
+        .proxy_ready
+        .set(i64::from(proxy == ProxyState::Ready));
+    let (probe_tx, probe_rx) = watch::channel(probe);
+    let (proxy_tx, proxy_rx) = watch::channel(proxy);
+    tokio::spawn(health::watch(probe_rx, cfg.kernel.own_mark.0, proxy_tx));
     // The one classifier: the ruleset is planned from the one the data path routes flows with.
-    let desired = plan::plan_with(&cfg, &policy.classifier);
+    let desired = plan::plan_for(&cfg, &policy.classifier, proxy);
     let (policy_tx, policy_rx) = watch::channel(policy);
+    let flow_events = crate::plan_handoff::kernel_handoff(&cfg);
+    if flow_events {
+        crate::handoff_flows::spawn(policy_tx.subscribe(), Arc::clone(&metrics));
+    }
     let dataplane = Arc::new(Dataplane::new(policy_rx, Arc::clone(&metrics)));
     let serving = Serving::start(&dataplane, listeners, cfg.listener.port, cfg.listener.ipv6);
 
-    let mut kernel = Kernel::connect().await.map_err(DaemonError::Connect)?;
     // A stale table from a crashed run is replaced by this same single transaction.
     let applied = kernel
         .apply(&desired, None)
@@ -228,6 +267,10 @@ pub async fn run(source: Source, cfg: Config) -> Result<(), DaemonError> {
         admin: admin_state,
         last_reload: None,
         started: SystemTime::now(),
+        proxy,
+        probe_tx,
+        proxy_rx,
+        flow_events,
     };
     d.publish_status();
     d.serve(&mut signals).await;
@@ -274,6 +317,7 @@ impl Daemon {
                 _ = signals.term.recv() => { info!("SIGTERM: shutting down"); return; }
                 _ = signals.int.recv() => { info!("SIGINT: shutting down"); return; }
                 _ = resync.tick() => self.resync().await,
+                Ok(()) = self.proxy_rx.changed() => self.proxy_changed().await,
                 _ = status_tick.tick() => self.publish_status(),
             }
             if resync.period() != self.cfg.daemon.resync_interval {
@@ -311,7 +355,7 @@ impl Daemon {
             .load()
             .map_err(|e| format!("config: {}", chain(&e)))?;
         let policy = Arc::new(FlowPolicy::new(&cfg));
-        let desired = plan::plan_with(&cfg, &policy.classifier);
+        let desired = plan::plan_for(&cfg, &policy.classifier, self.proxy);
         let rebind =
             cfg.listener.port != self.serving.port || cfg.listener.ipv6 != self.serving.ipv6;
         let new_serving = if rebind {
@@ -372,9 +416,64 @@ impl Daemon {
             info!(port = cfg.listener.port, "listeners moved to the new port");
         }
         self.monitor.set_route_table(cfg.kernel.route_table);
+        self.probe_tx.send_replace(Probe::of(&cfg));
+        if !self.flow_events && crate::plan_handoff::kernel_handoff(&cfg) {
+            crate::handoff_flows::spawn(self.policy_tx.subscribe(), Arc::clone(&self.metrics));
+            self.flow_events = true;
+        }
         self.cfg = cfg;
         self.desired = desired;
         Ok(())
+    }
+
+    fn committed(&mut self, generation: u32) {
+        self.generation = generation;
+        self.metrics.ruleset_generation.set(i64::from(generation));
+    }
+
+    /// The health task saw the proxy change state: switch the `linkerd` routes in one
+    /// transaction. Flows already established are untouched (the rules that change match
+    /// only a connection's first packet).
+    async fn proxy_changed(&mut self) {
+        let state = *self.proxy_rx.borrow_and_update();
+        if state == self.proxy {
+            return;
+        }
+        self.metrics
+            .proxy_ready
+            .set(i64::from(state == ProxyState::Ready));
+        let policy = Arc::clone(&self.policy_tx.borrow());
+        let desired = plan::plan_for(&self.cfg, &policy.classifier, state);
+        if desired == self.desired {
+            // No linkerd route: nothing follows the proxy.
+            self.proxy = state;
+            return;
+        }
+        match self.kernel.apply(&desired, None).await {
+            Ok(applied) => {
+                self.committed(applied.generation);
+                let label = match state {
+                    ProxyState::Ready => "ready",
+                    ProxyState::Unavailable => "unavailable",
+                };
+                self.metrics
+                    .proxy_switches_total
+                    .get_or_create(&crate::metrics::StateLabels { state: label })
+                    .inc();
+                let routes_now = match state {
+                    ProxyState::Ready => format!("{} hand-off", self.cfg.linkerd.handoff),
+                    ProxyState::Unavailable => self.cfg.linkerd.when_unavailable.to_string(),
+                };
+                warn!(proxy = %state, linkerd_routes = %routes_now,
+                    probe = %*self.probe_tx.borrow(), generation = applied.generation,
+                    "linkerd proxy health changed: linkerd routes switched");
+                self.proxy = state;
+                self.desired = desired;
+            }
+            Err(e) => error!(error = %chain(&e), proxy = %state,
+                "switching the linkerd routes failed; retrying at the next health change or resync"),
+        }
+        self.publish_status();
     }
 
     /// Drift check: the generation id first (cheap); a full audit only when it moved; routing
@@ -482,6 +581,14 @@ impl Daemon {
             self.cfg.listener.port, self.cfg.listener.ipv6, self.cfg.listener.local
         );
         let _ = writeln!(s, "ruleset generation: {}", self.generation);
+        let _ = writeln!(
+            s,
+            "linkerd proxy: {} (check: {}; handoff {}, when unavailable {})",
+            self.proxy,
+            *self.probe_tx.borrow(),
+            self.cfg.linkerd.handoff,
+            self.cfg.linkerd.when_unavailable
+        );
         let _ = writeln!(s, "active flows: {}", self.dataplane.active_flows());
         match &self.last_reload {
             None => {

@@ -142,11 +142,25 @@ async fn apply(cfg: Config) -> anyhow::Result<u8> {
 }
 
 async fn audit(cfg: Config) -> anyhow::Result<u8> {
-    let desired = plan::plan(&cfg);
+    // The running daemon's linkerd routes follow the proxy's health: audit against the plan
+    // for the state the proxy is in now.
+    let probe = etp::health::Probe::of(&cfg);
+    let proxy = if probe.run(cfg.kernel.own_mark.0).await {
+        etp::plan_handoff::ProxyState::Ready
+    } else {
+        etp::plan_handoff::ProxyState::Unavailable
+    };
+    let desired = plan::plan_for_proxy(&cfg, proxy);
     let mut kernel = Kernel::connect()
         .await
         .context("connecting to the kernel")?;
     let drift = kernel.audit(&desired).await.context("auditing")?;
+    if proxy == etp::plan_handoff::ProxyState::Unavailable {
+        println!(
+            "linkerd proxy unavailable ({probe}): linkerd routes audited as {}",
+            cfg.linkerd.when_unavailable
+        );
+    }
     if drift.is_empty() {
         println!("in sync");
         return Ok(OK);

@@ -120,6 +120,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
 }
@@ -156,6 +161,12 @@ pub struct Metrics {
     pub drift_repairs_total: Counter,
     pub ruleset_generation: Gauge,
     pub build_info: Family<VersionLabels, Gauge>,
+    /// 1 while the Linkerd proxy passes etp's health check.
+    pub proxy_ready: Gauge,
+    /// Switches of the `linkerd` routes, by the state switched to ("ready" | "unavailable").
+    pub proxy_switches_total: Family<StateLabels, Counter>,
+    /// conntrack events of kernel hand-offs lost (the socket's buffer overran).
+    pub conntrack_events_lost_total: Counter,
 }
 
 impl Default for Metrics {
@@ -181,6 +192,9 @@ impl Metrics {
             drift_repairs_total: Counter::default(),
             ruleset_generation: Gauge::default(),
             build_info: Family::default(),
+            proxy_ready: Gauge::default(),
+            proxy_switches_total: Family::default(),
+            conntrack_events_lost_total: Counter::default(),
         };
         // Metric handles are Arc-backed: the registry holds clones of the same atomics.
         registry.register(
@@ -235,6 +249,21 @@ impl Metrics {
             m.ruleset_generation.clone(),
         );
         registry.register("build_info", "etp's version", m.build_info.clone());
+        registry.register(
+            "proxy_ready",
+            "1 while the Linkerd proxy passes etp's health check",
+            m.proxy_ready.clone(),
+        );
+        registry.register(
+            "proxy_switches",
+            "Switches of the linkerd routes on the proxy's health, by new state",
+            m.proxy_switches_total.clone(),
+        );
+        registry.register(
+            "conntrack_events_lost",
+            "Overruns of the conntrack event socket (kernel hand-off flows not logged)",
+            m.conntrack_events_lost_total.clone(),
+        );
         m.build_info
             .get_or_create(&VersionLabels {
                 version: env!("CARGO_PKG_VERSION").to_string(),

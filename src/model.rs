@@ -6,7 +6,7 @@
 //! by the policy-routing entries as `#` comments, so that `nft -c -f` accepts the whole output.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
@@ -299,6 +299,10 @@ pub enum Match {
     /// `ct state established` (the drain table's output chain: keep rerouting packets of
     /// local flows etp already holds, let new ones go direct)
     CtEstablished,
+    /// `ct mark & MASK != 0`: a connection one of etp's kernel hand-off rules labelled
+    CtMarkAny { mask: FwMark },
+    /// `meta nfproto ipv4|ipv6` (before a family-specific statement such as `dnat ip`)
+    NfProto(Family),
 }
 
 /// What a rule does when all its matches hold.
@@ -321,6 +325,13 @@ pub enum Verdict {
     Redirect { port: u16 },
     /// `drop` (fail-closed: what the tproxy rule before it did not take while etp is down)
     Drop,
+    /// `ct mark set ct mark & ~MASK | VALUE accept`: labels the connection with its route for
+    /// the kernel hand-off (the nat chain DNATs labelled connections; conntrack events carry it)
+    CtMarkAccept { mask: FwMark, value: FwMark },
+    /// `reject with tcp reset` (the proxy is not ready and `when_unavailable = "refuse"`)
+    RejectTcp,
+    /// `dnat ip to ADDR:PORT` / `dnat ip6 to [ADDR]:PORT` (the kernel hand-off)
+    Dnat { addr: IpAddr, port: u16 },
 }
 
 /// A rule: matches, a counter, a verdict and a comment naming what it serves.
@@ -368,12 +379,22 @@ pub struct LocalRoute {
     pub protocol: u8,
 }
 
+/// etp's dummy interface holding the hand-off addresses (`ip link add NAME type dummy`,
+/// `ip addr add ADDR dev NAME`, up), for `[linkerd] handoff = "kernel"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HandoffLink {
+    pub name: String,
+    pub addrs: Vec<IpAddr>,
+}
+
 /// Everything etp wants the kernel to hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
     pub table: Table,
     pub ip_rules: Vec<IpRule>,
     pub routes: Vec<LocalRoute>,
+    /// The hand-off interface (kernel hand-off only).
+    pub handoff_link: Option<HandoffLink>,
 }
 
 impl fmt::Display for Match {
@@ -388,6 +409,9 @@ impl fmt::Display for Match {
             Match::SocketTransparent => f.write_str("socket transparent 1"),
             Match::CtEstablished => f.write_str("ct state established"),
             Match::TcpSyn => f.write_str("tcp flags & (fin | syn | rst | ack) == syn"),
+            Match::CtMarkAny { mask } => write!(f, "ct mark & {mask} != 0x00000000"),
+            Match::NfProto(Family::V4) => f.write_str("meta nfproto ipv4"),
+            Match::NfProto(Family::V6) => f.write_str("meta nfproto ipv6"),
         }
     }
 }
@@ -405,6 +429,20 @@ impl fmt::Display for Verdict {
             Verdict::SetMark(m) => write!(f, "meta mark set {m}"),
             Verdict::Redirect { port } => write!(f, "redirect to :{port}"),
             Verdict::Drop => f.write_str("drop"),
+            Verdict::CtMarkAccept { mask, value } => write!(
+                f,
+                "ct mark set ct mark & {} | {value} accept",
+                FwMark(!mask.0)
+            ),
+            Verdict::RejectTcp => f.write_str("reject with tcp reset"),
+            Verdict::Dnat {
+                addr: IpAddr::V4(a),
+                port,
+            } => write!(f, "dnat ip to {a}:{port}"),
+            Verdict::Dnat {
+                addr: IpAddr::V6(a),
+                port,
+            } => write!(f, "dnat ip6 to [{a}]:{port}"),
         }
     }
 }
@@ -528,6 +566,16 @@ impl fmt::Display for Desired {
         }
         for r in &self.routes {
             writeln!(f, "# {r}")?;
+        }
+        if let Some(link) = &self.handoff_link {
+            writeln!(f, "# ip link add {} type dummy", link.name)?;
+            for a in &link.addrs {
+                let prefix = if a.is_ipv4() { 32 } else { 128 };
+                // No duplicate address detection: a tentative IPv6 address cannot be bound.
+                let nodad = if a.is_ipv6() { " nodad" } else { "" };
+                writeln!(f, "# ip addr add {a}/{prefix} dev {}{nodad}", link.name)?;
+            }
+            writeln!(f, "# ip link set {} up", link.name)?;
         }
         write!(f, "{}", self.table)
     }

@@ -10,6 +10,7 @@ use crate::model::{
     Chain, ChainType, Desired, Family, FwMark, Hook, IpRule, LocalRoute, Match, Proto, Rule, Set,
     SetElems, Table, Verdict, ROUTE_PROTOCOL, TABLE,
 };
+use crate::plan_handoff::{self, out_rule_in, pre_rule_in, ProxyState};
 
 /// Chain names as `nft list` shows them.
 pub const CHAIN_PREROUTING: &str = "prerouting";
@@ -35,6 +36,17 @@ pub fn plan(cfg: &Config) -> Desired {
 
 /// Plans from an already-built classifier (the daemon keeps the one it routes flows with).
 pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
+    plan_for(cfg, cls, ProxyState::Ready)
+}
+
+/// [`plan_for`] with a classifier of its own (`etp audit`).
+pub fn plan_for_proxy(cfg: &Config, proxy: ProxyState) -> Desired {
+    plan_for(cfg, &Classifier::new(cfg), proxy)
+}
+
+/// Plans for the Linkerd proxy's current health (`linkerd` routes follow it, see
+/// `plan_handoff`).
+pub fn plan_for(cfg: &Config, cls: &Classifier, proxy: ProxyState) -> Desired {
     let mut sets = Vec::new();
     let bypass = addr_sets(&mut sets, "bypass", &cls.bypass_destinations, "dst", cfg);
     let bypass_ports = port_set(&mut sets, "bypass_ports", &cls.bypass_ports);
@@ -53,7 +65,7 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
     out.extend(bypass_rules);
 
     for sel in &cls.selectors {
-        route_rules(cfg, sel, &mut sets, &mut pre, &mut out);
+        route_rules(cfg, sel, proxy, &mut sets, &mut pre, &mut out);
     }
 
     let chains = chains(cfg, pre, out);
@@ -70,6 +82,7 @@ pub fn plan_with(cfg: &Config, cls: &Classifier) -> Desired {
         },
         ip_rules: ip_rules(cfg, families),
         routes: local_routes(cfg, families),
+        handoff_link: plan_handoff::link(cfg),
     }
 }
 
@@ -96,6 +109,7 @@ fn own_rules(cfg: &Config) -> [Rule; 2] {
 fn route_rules(
     cfg: &Config,
     sel: &Selector,
+    proxy: ProxyState,
     sets: &mut Vec<Set>,
     pre: &mut Vec<Rule>,
     out: &mut Vec<Rule>,
@@ -127,6 +141,13 @@ fn route_rules(
                 proto: *proto,
                 set: ports.clone(),
             });
+            if plan_handoff::takes(cfg, r, proxy) {
+                let comment = r.comment(*proto);
+                let i = sel.index;
+                pre.push(pre_rule_in(cfg, i, matches.clone(), comment.clone(), proxy));
+                out.push(out_rule_in(cfg, i, matches, comment, proxy));
+                continue;
+            }
             let mut pre_matches = matches.clone();
             if *proto == Proto::Tcp {
                 // Only the SYN is TPROXY'd: later packets of the flow must find the socket
@@ -197,28 +218,35 @@ fn chains(cfg: &Config, pre: Vec<Rule>, out: Vec<Rule>) -> Vec<Chain> {
     // A nat chain turns on connection tracking for the whole namespace: only when a route
     // hands flows to Linkerd does etp need one.
     let handoff = cfg.routes.iter().any(|r| r.action == Action::Linkerd);
+    if plan_handoff::kernel_handoff(cfg) {
+        chains.push(plan_handoff::chain_in(cfg));
+    }
     if handoff {
+        let mut rules = vec![Rule {
+            matches: vec![
+                Match::Mark {
+                    mask: k.mark_mask,
+                    value: k.handoff_mark,
+                },
+                Match::L4Proto(Proto::Tcp),
+            ],
+            verdict: Verdict::Redirect {
+                port: cfg.linkerd.outbound_port,
+            },
+            comment: format!(
+                "etp: hand-off to the linkerd proxy's outbound port {}",
+                cfg.linkerd.outbound_port
+            ),
+        }];
+        if cfg.listener.local && plan_handoff::kernel_handoff(cfg) {
+            rules.extend(plan_handoff::dnat_rules(cfg));
+        }
         chains.push(Chain {
             name: CHAIN_HANDOFF.to_string(),
             kind: ChainType::Nat,
             hook: Hook::Output,
             priority: PRIO_HANDOFF,
-            rules: vec![Rule {
-                matches: vec![
-                    Match::Mark {
-                        mask: k.mark_mask,
-                        value: k.handoff_mark,
-                    },
-                    Match::L4Proto(Proto::Tcp),
-                ],
-                verdict: Verdict::Redirect {
-                    port: cfg.linkerd.outbound_port,
-                },
-                comment: format!(
-                    "etp: hand-off to the linkerd proxy's outbound port {}",
-                    cfg.linkerd.outbound_port
-                ),
-            }],
+            rules,
         });
     }
     chains
@@ -265,10 +293,20 @@ pub fn plan_drain_with(cfg: &Config, cls: &Classifier) -> Desired {
     let mut d = plan_with(cfg, cls);
     for chain in &mut d.table.chains {
         match chain.name.as_str() {
-            CHAIN_PREROUTING => chain
-                .rules
-                .retain(|r| !matches!(r.verdict, Verdict::Tproxy { .. } | Verdict::Drop)),
+            CHAIN_PREROUTING => chain.rules.retain(|r| {
+                !matches!(
+                    r.verdict,
+                    Verdict::Tproxy { .. }
+                        | Verdict::Drop
+                        | Verdict::CtMarkAccept { .. }
+                        | Verdict::RejectTcp
+                )
+            }),
             CHAIN_OUTPUT => {
+                // Kernel hand-offs already made keep their NAT binding in conntrack.
+                chain
+                    .rules
+                    .retain(|r| !matches!(r.verdict, Verdict::CtMarkAccept { .. }));
                 for rule in &mut chain.rules {
                     if matches!(rule.verdict, Verdict::SetMark(_)) {
                         rule.matches.insert(0, Match::CtEstablished);

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::config::Config;
+use crate::model::FwMark;
 
 /// Compares `got` with the golden file; `ETP_UPDATE_GOLDEN=1` rewrites it instead.
 fn golden(name: &str, got: &str) {
@@ -208,4 +209,89 @@ fn fail_closed_drops_after_each_tproxy_rule_and_not_in_the_drain_table() {
         .starts_with("ip daddr @r0_a_dst4 udp dport @r0_a_ports counter drop"));
     assert!(!plan_drain(&cfg).to_string().contains(" drop "));
     assert!(!plan(&parse("")).to_string().contains(" drop "));
+}
+
+fn kernel_cfg() -> Config {
+    parse(include_str!("../rulesets/kernel.toml"))
+}
+
+#[test]
+fn kernel_handoff_matches_golden() {
+    golden("kernel.nft", &plan(&kernel_cfg()).to_string());
+}
+
+#[test]
+fn kernel_handoff_labels_in_route_order_and_dnats_labelled_connections() {
+    let d = plan(&kernel_cfg());
+    let text = d.to_string();
+    let pre = &d.table.chains[0].rules;
+    // dns (udp tproxy), mesh v4 + v6 (label), rest (tproxy): config order kept.
+    let verdicts: Vec<&Verdict> = pre.iter().skip(3).map(|r| &r.verdict).collect();
+    assert!(matches!(verdicts[0], Verdict::Tproxy { .. }), "{text}");
+    assert!(
+        matches!(verdicts[1], Verdict::CtMarkAccept { .. }),
+        "{text}"
+    );
+    assert!(
+        matches!(verdicts[2], Verdict::CtMarkAccept { .. }),
+        "{text}"
+    );
+    assert!(matches!(verdicts[3], Verdict::Tproxy { .. }), "{text}");
+    // The mesh route is route 1: label 2 in bits 16-27.
+    assert!(text.contains("ct mark set ct mark & 0xf000ffff | 0x00020000 accept"));
+    assert!(text.contains("dnat ip to 169.254.15.1:4140"), "{text}");
+    assert!(text.contains("dnat ip6 to [fd00:15::1]:4140"), "{text}");
+    let chain = |n: &str| d.table.chains.iter().find(|c| c.name == n).unwrap();
+    assert_eq!(chain("handoff_in").priority, PRIO_HANDOFF);
+    assert_eq!(chain("handoff_in").hook, crate::model::Hook::Prerouting);
+    // Node-local connections are labelled only when no earlier route marked them.
+    let out = &chain("output").rules;
+    let local = out
+        .iter()
+        .find(|r| matches!(r.verdict, Verdict::CtMarkAccept { .. }))
+        .unwrap();
+    assert_eq!(
+        local.matches[0],
+        Match::Mark {
+            mask: FwMark(0x3000),
+            value: FwMark(0)
+        }
+    );
+    let link = d.handoff_link.as_ref().unwrap();
+    assert_eq!(link.addrs.len(), 2);
+    // The drain table labels no new connection.
+    let drain = plan_drain(&kernel_cfg()).to_string();
+    assert!(!drain.contains("ct mark set"), "{drain}");
+}
+
+#[test]
+fn proxy_unavailable_refuses_or_goes_direct_in_both_modes() {
+    for handoff in ["kernel", "relay"] {
+        for (when, verdict, suffix) in [
+            ("refuse", "reject with tcp reset", "(refuse)"),
+            ("direct", "return", "(direct)"),
+        ] {
+            let cfg = parse(&format!(
+                "[listener]\nlocal = true\n[linkerd]\nhandoff = \"{handoff}\"\n\
+                 when_unavailable = \"{when}\"\n[[route]]\nname = \"a\"\nprotocols = [\"tcp\"]\n\
+                 destinations = [\"10.0.0.0/8\"]\nports = [80]\naction = \"linkerd\"\n"
+            ));
+            let cls = Classifier::new(&cfg);
+            let text = plan_for(&cfg, &cls, ProxyState::Unavailable).to_string();
+            assert!(!text.contains("tproxy"), "{text}");
+            assert!(!text.contains("ct mark set"), "{text}");
+            assert!(
+                text.contains(&format!(
+                    "tcp flags & (fin | syn | rst | ack) == syn counter {verdict} comment \"etp route a: tcp -> linkerd {suffix}\""
+                )),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "counter {verdict} comment \"etp route a: tcp -> linkerd (local) {suffix}\""
+                )),
+                "{text}"
+            );
+        }
+    }
 }

@@ -389,20 +389,31 @@ pub fn sum(text: &str, prefix: &str) -> u64 {
 
 /// The Linkerd stand-in in `router`, as uid 2102; its per-connection lines go to `log`.
 pub fn start_standin(router: &Netns, log: &TempFile) -> Proc {
+    start_standin_with(router, log, &[], 2)
+}
+
+/// [`start_standin`] with more arguments (`--listen IP`, ...); waits for `listeners` sockets
+/// on port 4140.
+pub fn start_standin_with(
+    router: &Netns,
+    log: &TempFile,
+    extra: &[&str],
+    listeners: usize,
+) -> Proc {
     // Writable by uid 2102; the stand-in appends and never creates it.
     run(Command::new("chmod").args(["666", log.as_str()]));
-    let p = router.spawn(
-        "setpriv",
-        &[
-            "--reuid=2102",
-            "--regid=2102",
-            "--clear-groups",
-            &example("linkerd-standin"),
-            "--log",
-            log.as_str(),
-        ],
-    );
-    wait_listening(router, "-Hltn", "sport = :4140", 2);
+    let standin = example("linkerd-standin");
+    let mut args = vec![
+        "--reuid=2102",
+        "--regid=2102",
+        "--clear-groups",
+        &standin,
+        "--log",
+        log.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    let p = router.spawn("setpriv", &args);
+    wait_listening(router, "-Hltn", "sport = :4140", listeners);
     p
 }
 

@@ -6,7 +6,12 @@
 //! destination. Run it as the proxy's uid (`setpriv --reuid 2102 ...`): its own upstream
 //! connections must not be intercepted.
 //!
-//! Usage: `linkerd-standin [--port N] [--log FILE]`. One line per connection goes to FILE
+//! Usage: `linkerd-standin [--port N] [--log FILE] [--listen IP]... [--no-loopback]`.
+//! `--ready-port P --ready-file F` serves an admin `/ready` on 127.0.0.1:P like the proxy's:
+//! 200 while F exists, 503 otherwise (a test makes the proxy "not ready" without stopping it).
+//! `--listen` adds an address (etp's kernel hand-off address; bound with IP_FREEBIND so that it
+//! may start before etp creates the address, as the real proxy may); `--no-loopback` leaves out
+//! 127.0.0.1 and [::1]. One line per connection goes to FILE
 //! (opened for append, never created: create it writable first) or to stdout:
 //! `orig_dst=ADDR peer=ADDR uid=UID` or `dropped peer=ADDR error=...`.
 
@@ -32,6 +37,11 @@ fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
         s.set_only_v6(true)?;
     }
     s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_freebind_v6(true)?;
+    } else {
+        s.set_freebind_v4(true)?;
+    }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;
@@ -78,15 +88,51 @@ async fn serve(l: TcpListener, log: Log, uid: String) {
     }
 }
 
+/// The proxy's admin `/ready`: 200 while `file` exists, else 503; one request per connection.
+async fn ready(l: TcpListener, file: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let mut buf = [0u8; 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await;
+        let status = if std::path::Path::new(&file).exists() {
+            "200 OK"
+        } else {
+            "503 Service Unavailable"
+        };
+        let _ = s
+            .write_all(
+                format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let mut port: u16 = 4140;
     let mut log_path: Option<String> = None;
+    let mut extra: Vec<std::net::IpAddr> = Vec::new();
+    let mut loopback = true;
+    let mut ready_port: Option<u16> = None;
+    let mut ready_file = String::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--port" => port = args.next().and_then(|p| p.parse().ok()).expect("--port N"),
             "--log" => log_path = args.next(),
+            "--listen" => extra.push(
+                args.next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("--listen IP"),
+            ),
+            "--no-loopback" => loopback = false,
+            "--ready-port" => ready_port = args.next().and_then(|p| p.parse().ok()),
+            "--ready-file" => ready_file = args.next().expect("--ready-file PATH"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -108,8 +154,23 @@ async fn main() {
                 .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
         })
         .unwrap_or_default();
-    let l4 = listener((Ipv4Addr::LOCALHOST, port).into()).expect("bind 127.0.0.1");
-    let l6 = listener((Ipv6Addr::LOCALHOST, port).into()).expect("bind [::1]");
-    eprintln!("linkerd-standin listening on 127.0.0.1:{port} and [::1]:{port} as uid {uid}");
-    tokio::join!(serve(l4, log.clone(), uid.clone()), serve(l6, log, uid));
+    let mut addrs: Vec<std::net::IpAddr> = Vec::new();
+    if loopback {
+        addrs.push(Ipv4Addr::LOCALHOST.into());
+        addrs.push(Ipv6Addr::LOCALHOST.into());
+    }
+    addrs.extend(extra);
+    let mut tasks = Vec::new();
+    if let Some(p) = ready_port {
+        let l = listener((Ipv4Addr::LOCALHOST, p).into()).expect("bind the ready port");
+        tasks.push(tokio::spawn(ready(l, ready_file.clone())));
+    }
+    for ip in addrs {
+        let l = listener((ip, port).into()).unwrap_or_else(|e| panic!("bind {ip}:{port}: {e}"));
+        eprintln!("linkerd-standin listening on {ip} port {port} as uid {uid}");
+        tasks.push(tokio::spawn(serve(l, log.clone(), uid.clone())));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
 }

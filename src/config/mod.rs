@@ -78,7 +78,19 @@ pub struct Listener {
 pub struct Linkerd {
     pub outbound_port: u16,
     pub proxy_uid: u32,
+    /// How TCP flows of `linkerd` routes reach the proxy (`[linkerd] handoff`).
+    pub handoff: HandoffMode,
+    /// The hand-off addresses on etp's dummy interface (`[linkerd] handoff_address`); the
+    /// kernel hand-off DNATs to them, the proxy's outbound listener binds them too.
+    pub handoff_address: HandoffAddress,
+    /// What `linkerd` routes do while the proxy is not ready (`[linkerd] when_unavailable`).
+    pub when_unavailable: WhenUnavailable,
+    /// The proxy's readiness URL (`[linkerd] ready_url`); without it etp's health check is a
+    /// TCP connect to the outbound port.
+    pub ready_url: Option<ReadyUrl>,
 }
+
+pub use handoff::{HandoffAddress, HandoffMode, ReadyUrl, WhenUnavailable};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
@@ -202,6 +214,9 @@ pub struct Route {
 pub const COMMENT_FAIL_CLOSED: &str = " (fail-closed)";
 pub const COMMENT_LOCAL: &str = " (local)";
 pub const COMMENT_DRAIN: &str = " (drain)";
+/// A `linkerd` route's rules while the proxy is not ready (`[linkerd] when_unavailable`).
+pub const COMMENT_REFUSE: &str = " (refuse)";
+pub const COMMENT_DIRECT: &str = " (direct)";
 
 impl Route {
     /// The comment on this route's rules; `nft list ruleset` shows it.
@@ -228,10 +243,11 @@ impl Route {
         )
     }
 
-    /// The longest comment the planner writes for this route: the drain table's local rule
-    /// (`" (fail-closed)"` is shorter). Validation keeps it within what nft stores.
+    /// The longest comment the planner writes for this route: a local rule while the proxy is
+    /// not ready (`" (local) (drain)"` and `" (fail-closed)"` are shorter). Validation keeps it
+    /// within what nft stores.
     pub fn longest_comment(&self, proto: Proto) -> String {
-        format!("{}{COMMENT_LOCAL}{COMMENT_DRAIN}", self.comment(proto))
+        format!("{}{COMMENT_LOCAL}{COMMENT_REFUSE}", self.comment(proto))
     }
 }
 
@@ -346,6 +362,7 @@ impl Cx<'_> {
     }
 }
 
+mod handoff;
 mod validate;
 
 pub use validate::parse_cidr;

@@ -256,3 +256,29 @@ fn per_source_limits_have_defaults_accept_zero_and_refuse_bad_values() {
         "{got}"
     );
 }
+
+#[test]
+fn handoff_keys_are_validated() {
+    let kernel = |extra: &str| format!("[linkerd]\nhandoff = \"kernel\"\n{extra}\n{GOOD_ROUTE}");
+    let c = Config::parse(&kernel(""), "t.toml").unwrap();
+    assert_eq!(c.linkerd.handoff, HandoffMode::Kernel);
+    assert_eq!(c.linkerd.when_unavailable, WhenUnavailable::Refuse);
+    assert!(err("[linkerd]\nhandoff = \"ebpf\"\n")
+        .contains("linkerd.handoff: \"ebpf\": expected \"relay\" or \"kernel\""));
+    assert!(err("[linkerd]\nwhen_unavailable = \"drop\"\n").contains("linkerd.when_unavailable"));
+    assert!(
+        err("[linkerd]\nready_url = \"https://127.0.0.1:4191/ready\"\n")
+            .contains("linkerd.ready_url")
+    );
+    assert!(err(&kernel("handoff_address = [\"127.0.0.1\"]")).contains("loopback"));
+    assert!(err(&kernel(
+        "handoff_address = [\"169.254.1.1\", \"169.254.1.2\"]"
+    ))
+    .contains("at most one IPv4"));
+    // The route has IPv6 destinations: an IPv6 hand-off address is needed.
+    assert!(err(&kernel("handoff_address = [\"169.254.1.1\"]"))
+        .contains("add an IPv6 hand-off address"));
+    let v4only = kernel("handoff_address = [\"169.254.1.1\"]")
+        .replace("[linkerd]", "[listener]\nipv6 = false\n[linkerd]");
+    assert!(Config::parse(&v4only, "t.toml").is_ok());
+}

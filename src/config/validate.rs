@@ -47,9 +47,13 @@ struct RawListener {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawLinkerd {
+pub(super) struct RawLinkerd {
     outbound_port: Option<S<i64>>,
     proxy_uid: Option<S<i64>>,
+    pub(super) handoff: Option<S<String>>,
+    pub(super) handoff_address: Option<S<Vec<S<String>>>>,
+    pub(super) when_unavailable: Option<S<String>>,
+    pub(super) ready_url: Option<S<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -133,6 +137,7 @@ impl RawConfig {
         let daemon = self.daemon.validate(cx)?;
         let limits = self.limits.validate(cx)?;
         let routes = validate_routes(cx, self.route, &listener)?;
+        super::handoff::check_families(cx, &listener, &linkerd, &routes)?;
         Ok(Config {
             source: cx.file.to_string(),
             listener,
@@ -166,8 +171,9 @@ impl RawListener {
 }
 
 impl RawLinkerd {
-    fn validate(self, cx: &Cx<'_>, listener: &Listener) -> Result<Linkerd, ConfigError> {
+    fn validate(mut self, cx: &Cx<'_>, listener: &Listener) -> Result<Linkerd, ConfigError> {
         let outbound_span = self.outbound_port.as_ref().map(|s| s.span());
+        let handoff = super::handoff::validate(cx, &mut self)?;
         let linkerd = Linkerd {
             outbound_port: int(
                 cx,
@@ -185,6 +191,10 @@ impl RawLinkerd {
                 0,
                 u32::MAX as i64 - 1,
             )? as u32,
+            handoff: handoff.mode,
+            handoff_address: handoff.address,
+            when_unavailable: handoff.when_unavailable,
+            ready_url: handoff.ready_url,
         };
         if linkerd.outbound_port == listener.port {
             return Err(cx.err(

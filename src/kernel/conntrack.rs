@@ -23,11 +23,11 @@ use crate::kernel::netlink::{
     NLMSG_ERROR,
 };
 
-const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+pub(crate) const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
-const CTA_TUPLE_ORIG: u16 = 1;
-const CTA_TUPLE_REPLY: u16 = 2;
+pub(crate) const CTA_TUPLE_ORIG: u16 = 1;
+pub(crate) const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -47,6 +47,17 @@ fn put_ip(buf: &mut Vec<u8>, v4: u16, v6: u16, ip: IpAddr) {
 
 /// CT_GET of the UDP entry whose reply tuple is `from` -> `to`.
 pub fn get_by_reply(seq: u32, from: SocketAddr, to: SocketAddr) -> Vec<u8> {
+    get_by_tuple(seq, CTA_TUPLE_REPLY, libc::IPPROTO_UDP as u8, from, to)
+}
+
+/// CT_GET of the entry whose `which` tuple (`CTA_TUPLE_ORIG` / `_REPLY`) is `from` -> `to`.
+pub fn get_by_tuple(
+    seq: u32,
+    which: u16,
+    ipproto: u8,
+    from: SocketAddr,
+    to: SocketAddr,
+) -> Vec<u8> {
     let family = if from.is_ipv4() {
         libc::AF_INET
     } else {
@@ -61,13 +72,13 @@ pub fn get_by_reply(seq: u32, from: SocketAddr, to: SocketAddr) -> Vec<u8> {
         family,
         0,
     );
-    let tuple = nest_start(&mut b, CTA_TUPLE_REPLY);
+    let tuple = nest_start(&mut b, which);
     let ip = nest_start(&mut b, CTA_TUPLE_IP);
     put_ip(&mut b, CTA_IP_V4_SRC, CTA_IP_V6_SRC, from.ip());
     put_ip(&mut b, CTA_IP_V4_DST, CTA_IP_V6_DST, to.ip());
     nest_end(&mut b, ip);
     let proto = nest_start(&mut b, CTA_TUPLE_PROTO);
-    put_attr(&mut b, CTA_PROTO_NUM, &[libc::IPPROTO_UDP as u8]);
+    put_attr(&mut b, CTA_PROTO_NUM, &[ipproto]);
     put_attr(&mut b, CTA_PROTO_SRC_PORT, &from.port().to_be_bytes());
     put_attr(&mut b, CTA_PROTO_DST_PORT, &to.port().to_be_bytes());
     nest_end(&mut b, proto);
@@ -76,7 +87,7 @@ pub fn get_by_reply(seq: u32, from: SocketAddr, to: SocketAddr) -> Vec<u8> {
     b
 }
 
-fn find<'a>(attrs: Attrs<'a>, ty: u16) -> Option<&'a [u8]> {
+pub(crate) fn find<'a>(attrs: Attrs<'a>, ty: u16) -> Option<&'a [u8]> {
     attrs.into_iter().find(|(t, _)| *t == ty).map(|(_, v)| v)
 }
 
@@ -85,20 +96,34 @@ fn find<'a>(attrs: Attrs<'a>, ty: u16) -> Option<&'a [u8]> {
 pub fn parse_orig_dst(buf: &[u8]) -> Option<SocketAddr> {
     let m = Msgs(buf).find(|m| m.ty == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW)?;
     let tuple = find(m.nfgen_attrs(), CTA_TUPLE_ORIG)?;
+    tuple_addrs(tuple).map(|(_, dst, _)| dst)
+}
+
+/// A `CTA_TUPLE_*` nest: (source, destination, IP protocol).
+pub(crate) fn tuple_addrs(tuple: &[u8]) -> Option<(SocketAddr, SocketAddr, u8)> {
     let ip = find(Attrs(tuple), CTA_TUPLE_IP)?;
-    let ip: IpAddr = match (
-        find(Attrs(ip), CTA_IP_V4_DST),
-        find(Attrs(ip), CTA_IP_V6_DST),
-    ) {
-        (Some(a), _) => Ipv4Addr::from(<[u8; 4]>::try_from(a).ok()?).into(),
-        (_, Some(a)) => Ipv6Addr::from(<[u8; 16]>::try_from(a).ok()?).into(),
-        _ => return None,
+    let addr = |v4: u16, v6: u16| -> Option<IpAddr> {
+        match (find(Attrs(ip), v4), find(Attrs(ip), v6)) {
+            (Some(a), _) => Some(Ipv4Addr::from(<[u8; 4]>::try_from(a).ok()?).into()),
+            (_, Some(a)) => Some(Ipv6Addr::from(<[u8; 16]>::try_from(a).ok()?).into()),
+            _ => None,
+        }
     };
     let proto = find(Attrs(tuple), CTA_TUPLE_PROTO)?;
-    let port = find(Attrs(proto), CTA_PROTO_DST_PORT)?;
-    Some(SocketAddr::new(
-        ip,
-        u16::from_be_bytes(port.try_into().ok()?),
+    let port = |ty: u16| -> Option<u16> {
+        Some(u16::from_be_bytes(find(Attrs(proto), ty)?.try_into().ok()?))
+    };
+    let num = *find(Attrs(proto), CTA_PROTO_NUM)?.first()?;
+    Some((
+        SocketAddr::new(
+            addr(CTA_IP_V4_SRC, CTA_IP_V6_SRC)?,
+            port(CTA_PROTO_SRC_PORT)?,
+        ),
+        SocketAddr::new(
+            addr(CTA_IP_V4_DST, CTA_IP_V6_DST)?,
+            port(CTA_PROTO_DST_PORT)?,
+        ),
+        num,
     ))
 }
 
@@ -129,7 +154,20 @@ impl Conntrack {
     ) -> io::Result<Option<SocketAddr>> {
         self.seq = self.seq.wrapping_add(1);
         // The reply direction runs from the (translated) destination back to the client.
-        self.sock.send(&get_by_reply(self.seq, seen, client))?;
+        let req = get_by_reply(self.seq, seen, client);
+        Ok(self.get(&req)?.and_then(parse_orig_dst))
+    }
+
+    /// The next sequence number (for [`Conntrack::get`]).
+    pub fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Sends a CT_GET built with the last sequence number; the answer, or `None` when
+    /// conntrack has no such entry.
+    pub fn get(&mut self, req: &[u8]) -> io::Result<Option<&[u8]>> {
+        self.sock.send(req)?;
         loop {
             match self.sock.recv(&mut self.buf, Duration::ZERO) {
                 Ok(_) => {}
@@ -145,7 +183,7 @@ impl Conntrack {
             if Msgs(&self.buf).any(|m| m.ty == NLMSG_ERROR) {
                 return Ok(None);
             }
-            return Ok(parse_orig_dst(&self.buf));
+            return Ok(Some(&self.buf));
         }
     }
 }

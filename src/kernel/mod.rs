@@ -11,6 +11,8 @@
 //! - `conntrack`: a UDP flow's pre-DNAT destination; `sockdiag`: TIME-WAIT cleanup
 
 pub(crate) mod conntrack;
+pub(crate) mod ct_events;
+pub mod link;
 mod netlink;
 pub mod nft;
 pub mod route;
@@ -19,6 +21,7 @@ pub(crate) mod sockdiag;
 use std::fmt;
 
 use crate::model::{Desired, TableId, ROUTE_PROTOCOL, TABLE};
+use crate::plan_handoff::HANDOFF_LINK;
 use nft::Nft;
 use route::{RouteChanges, RouteDrift, RouteError, RouteMonitor, Routing};
 
@@ -34,6 +37,8 @@ pub enum KernelError {
     NftMonitor(#[source] std::io::Error),
     #[error("subscribing to routing notifications")]
     RouteMonitor(#[source] RouteError),
+    #[error("hand-off interface")]
+    Link(#[from] link::LinkError),
 }
 
 /// The result of one apply.
@@ -51,6 +56,7 @@ pub struct Applied {
 pub enum Drift {
     Nft(nft::TableDrift),
     Route(RouteDrift),
+    Link(link::LinkDrift),
 }
 
 impl fmt::Display for Drift {
@@ -58,6 +64,7 @@ impl fmt::Display for Drift {
         match self {
             Drift::Nft(d) => write!(f, "{d}"),
             Drift::Route(d) => write!(f, "{d}"),
+            Drift::Link(d) => write!(f, "{d}"),
         }
     }
 }
@@ -67,12 +74,15 @@ impl fmt::Display for Drift {
 pub struct Removed {
     pub table: bool,
     pub routing_entries: usize,
+    /// The hand-off interface was there and is gone.
+    pub handoff_link: bool,
 }
 
 /// Owner of etp's two netlink sockets (nftables and rtnetlink).
 pub struct Kernel {
     nft: Nft,
     routing: Routing,
+    links: link::Links,
 }
 
 /// Runs a short blocking netlink exchange without stalling the other tasks of a multi-threaded
@@ -90,6 +100,7 @@ impl Kernel {
         Ok(Kernel {
             nft: Nft::open()?,
             routing: Routing::connect().await?,
+            links: link::Links::connect()?,
         })
     }
 
@@ -109,6 +120,10 @@ impl Kernel {
             .routing
             .reconcile(&desired.ip_rules, &desired.routes)
             .await?;
+        // The hand-off address exists before any rule DNATs to it.
+        self.links
+            .reconcile(HANDOFF_LINK, desired.handoff_link.as_ref())
+            .await?;
         let report = blocking(|| self.nft.apply(&desired.table, expect_generation))?;
         Ok(Applied {
             generation: report.generation,
@@ -116,6 +131,15 @@ impl Kernel {
             messages: report.messages,
             bytes: report.bytes,
         })
+    }
+
+    /// Creates (or repairs) only the hand-off interface: the daemon's first health probe
+    /// connects to the hand-off address, which must exist by then.
+    pub async fn apply_link(&mut self, desired: &Desired) -> Result<(), KernelError> {
+        self.links
+            .reconcile(HANDOFF_LINK, desired.handoff_link.as_ref())
+            .await?;
+        Ok(())
     }
 
     /// Installs only the table (the drain table on shutdown keeps the routing as it is).
@@ -136,18 +160,31 @@ impl Kernel {
                 .into_iter()
                 .map(Drift::Route),
         );
+        out.extend(self.audit_link(desired).await?);
         Ok(out)
+    }
+
+    async fn audit_link(&mut self, desired: &Desired) -> Result<Vec<Drift>, KernelError> {
+        Ok(self
+            .links
+            .audit(HANDOFF_LINK, desired.handoff_link.as_ref())
+            .await?
+            .into_iter()
+            .map(Drift::Link)
+            .collect())
     }
 
     /// Only the routing part of the audit (cheap: two small dumps).
     pub async fn audit_routing(&mut self, desired: &Desired) -> Result<Vec<Drift>, KernelError> {
-        Ok(self
+        let mut out: Vec<Drift> = self
             .routing
             .audit(&desired.ip_rules, &desired.routes)
             .await?
             .into_iter()
             .map(Drift::Route)
-            .collect())
+            .collect();
+        out.extend(self.audit_link(desired).await?);
+        Ok(out)
     }
 
     /// Destroys the TIME-WAIT TCP sockets `ours` selects (see `sockdiag`); returns how many.
@@ -162,9 +199,11 @@ impl Kernel {
     pub async fn cleanup(&mut self) -> Result<Removed, KernelError> {
         let table = blocking(|| self.nft.delete_table(TABLE))?;
         let routing_entries = self.routing.cleanup(ROUTE_PROTOCOL).await?;
+        let handoff_link = self.links.remove(HANDOFF_LINK).await?;
         Ok(Removed {
             table,
             routing_entries,
+            handoff_link,
         })
     }
 }

@@ -27,6 +27,7 @@ use crate::kernel::netlink::{
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const TCP_TIME_WAIT: u32 = 6;
+const TCP_LISTEN: u32 = 10;
 /// `struct inet_diag_req_v2`: family, protocol, ext, pad, states, then `inet_diag_sockid`.
 const REQ_LEN: usize = 8 + ID_LEN;
 /// `struct inet_diag_sockid`: sport, dport (big-endian), src[4], dst[4], if, cookie[2].
@@ -46,16 +47,21 @@ pub struct TimeWait {
 }
 
 fn request(ty: u16, flags: u16, seq: u32, family: u8, id: &[u8; ID_LEN]) -> Vec<u8> {
+    request_in(ty, flags, seq, family, TCP_TIME_WAIT, id)
+}
+
+fn request_in(ty: u16, flags: u16, seq: u32, family: u8, state: u32, id: &[u8; ID_LEN]) -> Vec<u8> {
     let mut b = Vec::with_capacity(16 + REQ_LEN);
     let m = begin_msg(&mut b, ty, flags, seq);
     b.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
-    b.extend_from_slice(&(1u32 << TCP_TIME_WAIT).to_ne_bytes());
+    b.extend_from_slice(&(1u32 << state).to_ne_bytes());
     b.extend_from_slice(id);
     end_msg(&mut b, m);
     b
 }
 
 /// A dump request for every TCP socket of `family` in TIME-WAIT.
+#[cfg(test)]
 pub fn dump_request(family: u8, seq: u32) -> Vec<u8> {
     request(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, seq, family, &[0; ID_LEN])
 }
@@ -74,8 +80,18 @@ fn addr(family: u8, raw: &[u8], port: [u8; 2]) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, u16::from_be_bytes(port)))
 }
 
-/// Reads the `inet_diag_msg` replies of a dump; `done` turns true at `NLMSG_DONE`.
+/// Reads the `inet_diag_msg` replies of a TIME-WAIT dump; `done` turns true at `NLMSG_DONE`.
+#[cfg(test)]
 pub fn parse_dump(buf: &[u8], out: &mut Vec<TimeWait>, done: &mut bool) -> io::Result<()> {
+    parse_dump_in(buf, TCP_TIME_WAIT, out, done)
+}
+
+fn parse_dump_in(
+    buf: &[u8],
+    state: u32,
+    out: &mut Vec<TimeWait>,
+    done: &mut bool,
+) -> io::Result<()> {
     for m in Msgs(buf) {
         match m.ty {
             NLMSG_DONE => *done = true,
@@ -85,7 +101,7 @@ pub fn parse_dump(buf: &[u8], out: &mut Vec<TimeWait>, done: &mut bool) -> io::R
             },
             SOCK_DIAG_BY_FAMILY => {
                 let p = m.payload();
-                if p.len() < 4 + ID_LEN || u32::from(p[1]) != TCP_TIME_WAIT {
+                if p.len() < 4 + ID_LEN || u32::from(p[1]) != state {
                     continue;
                 }
                 let id: [u8; ID_LEN] = p[4..4 + ID_LEN].try_into().expect("length checked");
@@ -108,27 +124,34 @@ pub fn parse_dump(buf: &[u8], out: &mut Vec<TimeWait>, done: &mut bool) -> io::R
     Ok(())
 }
 
-/// One dump of `family`'s TIME-WAIT sockets, and whether the kernel marked it interrupted.
-fn dump_time_wait(
+/// One dump of `family`'s TCP sockets in `state`, and whether the kernel marked it interrupted.
+fn dump_state(
     sock: &NlSocket,
     buf: &mut Vec<u8>,
     family: u8,
+    state: u32,
     seq: u32,
 ) -> io::Result<(Vec<TimeWait>, bool)> {
-    sock.send(&dump_request(family, seq))?;
+    let req = request_in(
+        SOCK_DIAG_BY_FAMILY,
+        NLM_F_DUMP,
+        seq,
+        family,
+        state,
+        &[0; ID_LEN],
+    );
+    sock.send(&req)?;
     let (mut out, mut done, mut interrupted) = (Vec::new(), false, false);
     while !done {
         sock.recv(buf, TIMEOUT)?;
         interrupted |= dump_interrupted(buf);
-        parse_dump(buf, &mut out, &mut done)?;
+        parse_dump_in(buf, state, &mut out, &mut done)?;
     }
     Ok((out, interrupted))
 }
 
-/// Destroys the TIME-WAIT TCP sockets (IPv4 and IPv6) that `ours` selects, in the calling
-/// thread's network namespace. Returns how many went; sockets that expired meanwhile (ENOENT)
-/// are not errors.
-pub fn destroy_time_wait(ours: impl Fn(&TimeWait) -> bool) -> io::Result<usize> {
+/// Every TCP socket (IPv4 and IPv6) in `state`, and the socket that dumped them.
+fn dump_all(state: u32) -> io::Result<(NlSocket, Vec<TimeWait>)> {
     let sock = NlSocket::open(NETLINK_SOCK_DIAG)?;
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut found = Vec::new();
@@ -137,13 +160,34 @@ pub fn destroy_time_wait(ours: impl Fn(&TimeWait) -> bool) -> io::Result<usize> 
         // A dump interrupted by sockets coming and going may miss some: run it again.
         for attempt in 1..=DUMP_ATTEMPTS {
             seq += 1;
-            let (mut part, interrupted) = dump_time_wait(&sock, &mut buf, family as u8, seq)?;
+            let (mut part, interrupted) = dump_state(&sock, &mut buf, family as u8, state, seq)?;
             if !interrupted || attempt == DUMP_ATTEMPTS {
                 found.append(&mut part);
                 break;
             }
         }
     }
+    Ok((sock, found))
+}
+
+/// Whether a TCP socket listens on `addr` (bound to its address or to the wildcard) in the
+/// calling thread's network namespace. The Linkerd proxy's health check without a ready URL:
+/// unlike a probe connection, it costs the proxy nothing (a probe connection would be accepted,
+/// and its `SO_ORIGINAL_DST`, the listener's own address, proxied back to the proxy).
+pub fn listening(addr: SocketAddr) -> io::Result<bool> {
+    let (_, found) = dump_all(TCP_LISTEN)?;
+    Ok(found.iter().any(|l| {
+        l.local.port() == addr.port()
+            && (l.local.ip() == addr.ip() || l.local.ip().is_unspecified())
+    }))
+}
+
+/// Destroys the TIME-WAIT TCP sockets (IPv4 and IPv6) that `ours` selects, in the calling
+/// thread's network namespace. Returns how many went; sockets that expired meanwhile (ENOENT)
+/// are not errors.
+pub fn destroy_time_wait(ours: impl Fn(&TimeWait) -> bool) -> io::Result<usize> {
+    let (sock, found) = dump_all(TCP_TIME_WAIT)?;
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut destroyed = 0;
     for (i, tw) in found.iter().filter(|tw| ours(tw)).enumerate() {
         sock.send(&destroy_request(tw, 100 + i as u32))?;

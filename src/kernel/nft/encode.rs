@@ -27,7 +27,7 @@ use nftnl::nftnl_sys as sys;
 use nftnl::{MsgType, NlMsg, ProtoFamily};
 
 use super::current::{key_type, Current};
-use super::expr::{Base, LookupSet, Payload, Redir, Tproxy};
+use super::expr::{Base, Dnat, LookupSet, Payload, Redir, Tproxy};
 use super::wire;
 use crate::kernel::netlink;
 use crate::model::{self, Family, Match, SetElems, Table, Verdict};
@@ -605,6 +605,16 @@ fn add_exprs(
                 r.add_expr(&Bitwise::new(CT_STATE_ESTABLISHED, 0u32));
                 r.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
             }
+            Match::CtMarkAny { mask } => {
+                r.add_expr(&Conntrack::Mark { set: false });
+                r.add_expr(&Bitwise::new(mask.0, 0u32));
+                r.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
+            }
+            Match::NfProto(family) => {
+                r.add_expr(&Meta::NfProto);
+                r.add_expr(&Cmp::new(CmpOp::Eq, nfproto(*family)));
+                family_done = Some(*family);
+            }
             Match::SocketTransparent => {
                 r.add_expr(&nftnl::expr::Socket::new(
                     nftnl::expr::SocketKey::Transparent,
@@ -639,6 +649,31 @@ fn add_exprs(
         Verdict::Redirect { port } => {
             r.add_expr(&Immediate::new(port.to_be_bytes(), Register::Reg1));
             r.add_expr(&Redir);
+        }
+        Verdict::CtMarkAccept { mask, value } => {
+            // ct mark = (ct mark & ~MASK) ^ VALUE: the other bits of the mark are kept.
+            r.add_expr(&Conntrack::Mark { set: false });
+            r.add_expr(&Bitwise::new(!mask.0, value.0));
+            r.add_expr(&Conntrack::Mark { set: true });
+            r.add_expr(&NVerdict::Accept);
+        }
+        Verdict::RejectTcp => r.add_expr(&NVerdict::Reject(nftnl::expr::RejectionType::TcpRst)),
+        Verdict::Dnat { addr, port } => {
+            // Immediate copies its value's bytes: give it the octets, not an IpAddr.
+            let family = match addr {
+                std::net::IpAddr::V4(a) => {
+                    r.add_expr(&Immediate::new(a.octets(), Register::Reg1));
+                    Family::V4
+                }
+                std::net::IpAddr::V6(a) => {
+                    r.add_expr(&Immediate::new(a.octets(), Register::Reg1));
+                    Family::V6
+                }
+            };
+            r.add_expr(&Immediate::new(port.to_be_bytes(), Register::Reg2));
+            r.add_expr(&Dnat {
+                nfproto: u32::from(nfproto(family)),
+            });
         }
     }
     Ok(())

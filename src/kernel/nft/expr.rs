@@ -72,6 +72,45 @@ impl Expression for Redir {
     }
 }
 
+/// `NF_NAT_RANGE_MAP_IPS`: the nat expression carries an address (range).
+const NF_NAT_RANGE_MAP_IPS: u32 = 0x1;
+/// Register 2 (`NFT_REG_2`): after a 16-byte address in register 1.
+const REG2: u32 = libc::NFT_REG_2 as u32;
+
+/// `dnat ip|ip6 to ADDR:PORT`: the address in register 1, the port (network byte order) in
+/// register 2, min = max, as nft 1.0.6 generates it; the flags are what the kernel reports back
+/// (it sets MAP_IPS and PROTO_SPECIFIED itself), so that audit compares equal.
+pub struct Dnat {
+    /// `NFPROTO_IPV4` or `NFPROTO_IPV6`.
+    pub nfproto: u32,
+}
+
+impl Expression for Dnat {
+    fn to_expr(&self, _rule: &Rule) -> ptr::NonNull<sys::nftnl_expr> {
+        let e = alloc(c"nat");
+        // SAFETY: `e` is a live nat expression; every attribute set here is a u32.
+        unsafe {
+            let p = e.as_ptr();
+            sys::nftnl_expr_set_u32(
+                p,
+                sys::NFTNL_EXPR_NAT_TYPE as u16,
+                libc::NFT_NAT_DNAT as u32,
+            );
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_NAT_FAMILY as u16, self.nfproto);
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_NAT_REG_ADDR_MIN as u16, REG1);
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_NAT_REG_ADDR_MAX as u16, REG1);
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_NAT_REG_PROTO_MIN as u16, REG2);
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_NAT_REG_PROTO_MAX as u16, REG2);
+            sys::nftnl_expr_set_u32(
+                p,
+                sys::NFTNL_EXPR_NAT_FLAGS as u16,
+                NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED,
+            );
+        }
+        e
+    }
+}
+
 /// `lookup reg 1 set NAME`: a named set created in the same batch, referenced by name and by
 /// the batch-local set id (nftnl's own `Lookup` needs an `nftnl::set::Set` value).
 pub struct LookupSet {
