@@ -145,6 +145,7 @@ fn marking_table(variant: usize) -> Table {
             name: "hit".into(),
             elems: SetElems::V4(nets.iter().map(|n| n.parse().unwrap()).collect()),
         }],
+        meters: vec![],
         chains: vec![Chain {
             name: "prerouting".into(),
             kind: ChainType::Filter,

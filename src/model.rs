@@ -303,6 +303,92 @@ pub enum Match {
     CtMarkAny { mask: FwMark },
     /// `meta nfproto ipv4|ipv6` (before a family-specific statement such as `dnat ip`)
     NfProto(Family),
+    /// `fib daddr type local` (or broadcast, multicast): the destination is one of the node's
+    /// own addresses as the kernel's local routing table sees it (policy routing ignored)
+    FibDaddrType(AddrType),
+    /// `tcp dport 15001`: one port, no set
+    DportIs { proto: Proto, port: u16 },
+    /// `ip saddr != @SET` / `ip6 saddr != @SET`
+    SaddrNotIn { family: Family, set: String },
+    /// `ct status & confirmed == 0`: the packet opens a flow conntrack has not admitted yet
+    /// (a UDP flow's first datagram; later ones of an unanswered flow are still `ct state new`)
+    CtUnconfirmed,
+    /// `add @METER { ip saddr ct count over N }` / `update @METER { ip saddr limit rate over ...}`:
+    /// a per-source meter in a dynamic set; matches when the source is over its limit
+    OverLimit(SourceLimit),
+}
+
+/// `fib daddr type` values (the kernel's RTN_* route types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddrType {
+    Local,
+    Broadcast,
+    Multicast,
+}
+
+impl AddrType {
+    /// RTN_LOCAL, RTN_BROADCAST, RTN_MULTICAST.
+    pub fn rtn(self) -> u32 {
+        match self {
+            AddrType::Local => 2,
+            AddrType::Broadcast => 3,
+            AddrType::Multicast => 5,
+        }
+    }
+}
+
+impl fmt::Display for AddrType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AddrType::Local => "local",
+            AddrType::Broadcast => "broadcast",
+            AddrType::Multicast => "multicast",
+        })
+    }
+}
+
+/// What a per-source meter limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `ct count over N`: concurrent conntrack entries (connlimit)
+    CountOver(u32),
+    /// `limit rate over N/second burst N packets`: a token bucket
+    RateOver { per_second: u32, burst: u32 },
+}
+
+/// A per-source meter: the source address (IPv6 masked to its /64) is the key of the dynamic
+/// set `meter`; the kernel keeps one [`Limit`] state per key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceLimit {
+    pub meter: String,
+    pub family: Family,
+    pub limit: Limit,
+}
+
+/// The prefix IPv6 sources are counted by: one host owns a /64.
+pub const V6_SOURCE_PREFIX: u8 = 64;
+
+/// A dynamic set that per-source meters fill at run time (no elements in the model; etp never
+/// compares or restores its contents).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meter {
+    pub name: String,
+    pub family: Family,
+    /// Most keys it holds; a source that finds it full is not limited (nft: `size`).
+    pub size: u32,
+    /// Idle keys expire after this many seconds (`update` refreshes); `None`: a key lives as long
+    /// as its state does (a `ct count` key is collected when its count drops to zero).
+    pub timeout_secs: Option<u32>,
+}
+
+impl Meter {
+    /// The nft key type.
+    pub fn nft_type(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        }
+    }
 }
 
 /// What a rule does when all its matches hold.
@@ -357,6 +443,8 @@ pub const ROUTE_PROTOCOL: u8 = 231;
 pub struct Table {
     pub name: String,
     pub sets: Vec<Set>,
+    /// Dynamic sets of the per-source limits (empty when they are off).
+    pub meters: Vec<Meter>,
     pub chains: Vec<Chain>,
 }
 
@@ -412,6 +500,13 @@ impl fmt::Display for Match {
             Match::CtMarkAny { mask } => write!(f, "ct mark & {mask} != 0x00000000"),
             Match::NfProto(Family::V4) => f.write_str("meta nfproto ipv4"),
             Match::NfProto(Family::V6) => f.write_str("meta nfproto ipv6"),
+            Match::FibDaddrType(t) => write!(f, "fib daddr type {t}"),
+            Match::DportIs { proto, port } => write!(f, "{proto} dport {port}"),
+            Match::SaddrNotIn { family, set } => {
+                write!(f, "{} saddr != @{set}", family.nft_keyword())
+            }
+            Match::CtUnconfirmed => f.write_str("ct status & confirmed == 0"),
+            Match::OverLimit(l) => write!(f, "{l}"),
         }
     }
 }
@@ -445,6 +540,29 @@ impl fmt::Display for Verdict {
             } => write!(f, "dnat ip6 to [{a}]:{port}"),
         }
     }
+}
+
+impl fmt::Display for SourceLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = match self.family {
+            Family::V4 => "ip saddr".to_string(),
+            Family::V6 => format!("ip6 saddr & {}", v6_prefix_mask(V6_SOURCE_PREFIX)),
+        };
+        match self.limit {
+            Limit::CountOver(n) => write!(f, "add @{} {{ {key} ct count over {n} }}", self.meter),
+            Limit::RateOver { per_second, burst } => write!(
+                f,
+                "update @{} {{ {key} limit rate over {per_second}/second burst {burst} packets }}",
+                self.meter
+            ),
+        }
+    }
+}
+
+/// The netmask of an IPv6 prefix length (`ffff:ffff:ffff:ffff::` for 64).
+pub fn v6_prefix_mask(prefix: u8) -> Ipv6Addr {
+    let bits = u32::from(prefix.min(128));
+    Ipv6Addr::from(u128::MAX.checked_shl(128 - bits).unwrap_or(0))
 }
 
 impl fmt::Display for Rule {
@@ -496,6 +614,19 @@ impl fmt::Display for Table {
             writeln!(f, "\t\tflags interval")?;
             if !set.elems.is_empty() {
                 writeln!(f, "\t\telements = {{ {} }}", set.elems)?;
+            }
+            writeln!(f, "\t}}\n")?;
+        }
+        for m in &self.meters {
+            writeln!(f, "\tset {} {{", m.name)?;
+            writeln!(f, "\t\ttype {}", m.nft_type())?;
+            writeln!(f, "\t\tsize {}", m.size)?;
+            match m.timeout_secs {
+                Some(t) => {
+                    writeln!(f, "\t\tflags dynamic,timeout")?;
+                    writeln!(f, "\t\ttimeout {t}s")?;
+                }
+                None => writeln!(f, "\t\tflags dynamic")?,
             }
             writeln!(f, "\t}}\n")?;
         }

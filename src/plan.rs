@@ -12,6 +12,11 @@ use crate::model::{
 };
 use crate::plan_handoff::{self, out_rule_in, pre_rule_in, ProxyState};
 
+#[path = "plan_limits.rs"]
+mod limits;
+use limits::{guard_rules, serves_new_flows, SourceLimits};
+pub use limits::{METER_SIZE, RATE_TIMEOUT_SECS};
+
 /// Chain names as `nft list` shows them.
 pub const CHAIN_PREROUTING: &str = "prerouting";
 pub const CHAIN_OUTPUT: &str = "output";
@@ -52,8 +57,10 @@ pub fn plan_for(cfg: &Config, cls: &Classifier, proxy: ProxyState) -> Desired {
     let bypass_ports = port_set(&mut sets, "bypass_ports", &cls.bypass_ports);
     let own_rules = own_rules(cfg);
     let bypass_rules = bypass_rules(&bypass, bypass_ports.as_deref());
+    let (limits, meters) = SourceLimits::new(cfg, &mut sets);
 
     let mut pre = own_rules.to_vec();
+    pre.extend(guard_rules(cfg));
     pre.extend(bypass_rules.iter().cloned());
 
     let mut out = own_rules.to_vec();
@@ -65,7 +72,7 @@ pub fn plan_for(cfg: &Config, cls: &Classifier, proxy: ProxyState) -> Desired {
     out.extend(bypass_rules);
 
     for sel in &cls.selectors {
-        route_rules(cfg, sel, proxy, &mut sets, &mut pre, &mut out);
+        route_rules(cfg, sel, proxy, &limits, &mut sets, &mut pre, &mut out);
     }
 
     let chains = chains(cfg, pre, out);
@@ -78,6 +85,7 @@ pub fn plan_for(cfg: &Config, cls: &Classifier, proxy: ProxyState) -> Desired {
         table: Table {
             name: TABLE.to_string(),
             sets,
+            meters,
             chains,
         },
         ip_rules: ip_rules(cfg, families),
@@ -110,6 +118,7 @@ fn route_rules(
     cfg: &Config,
     sel: &Selector,
     proxy: ProxyState,
+    limits: &SourceLimits,
     sets: &mut Vec<Set>,
     pre: &mut Vec<Rule>,
     out: &mut Vec<Rule>,
@@ -141,6 +150,8 @@ fn route_rules(
                 proto: *proto,
                 set: ports.clone(),
             });
+            // The per-source limits go in front of whatever takes the route's new flows.
+            pre.extend(limits.rules(*family, *proto, &matches, &r.comment(*proto)));
             if plan_handoff::takes(cfg, r, proxy) {
                 let comment = r.comment(*proto);
                 let i = sel.index;
@@ -293,15 +304,7 @@ pub fn plan_drain_with(cfg: &Config, cls: &Classifier) -> Desired {
     let mut d = plan_with(cfg, cls);
     for chain in &mut d.table.chains {
         match chain.name.as_str() {
-            CHAIN_PREROUTING => chain.rules.retain(|r| {
-                !matches!(
-                    r.verdict,
-                    Verdict::Tproxy { .. }
-                        | Verdict::Drop
-                        | Verdict::CtMarkAccept { .. }
-                        | Verdict::RejectTcp
-                )
-            }),
+            CHAIN_PREROUTING => chain.rules.retain(|r| !serves_new_flows(r)),
             CHAIN_OUTPUT => {
                 // Kernel hand-offs already made keep their NAT binding in conntrack.
                 chain

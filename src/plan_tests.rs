@@ -190,7 +190,9 @@ fn drain_table_keeps_established_flows_and_drops_tproxy() {
 #[test]
 fn fail_closed_drops_after_each_tproxy_rule_and_not_in_the_drain_table() {
     let cfg = parse(
-        "[daemon]\nfail_closed = true\n[[route]]\nname = \"a\"\nprotocols = [\"tcp\", \"udp\"]\n\
+        "[daemon]\nfail_closed = true\n[limits]\nmax_tcp_flows_per_source = 0\n\
+         max_udp_flows_per_source = 0\nnew_flows_per_source_per_second = 0\n\
+         [[route]]\nname = \"a\"\nprotocols = [\"tcp\", \"udp\"]\n\
          destinations = [\"10.0.0.0/8\"]\nports = [80]\naction = \"direct\"\n",
     );
     let d = plan(&cfg);
@@ -207,8 +209,8 @@ fn fail_closed_drops_after_each_tproxy_rule_and_not_in_the_drain_table() {
     assert!(pre[n - 1]
         .to_string()
         .starts_with("ip daddr @r0_a_dst4 udp dport @r0_a_ports counter drop"));
-    assert!(!plan_drain(&cfg).to_string().contains(" drop "));
-    assert!(!plan(&parse("")).to_string().contains(" drop "));
+    assert!(!plan_drain(&cfg).to_string().contains("(fail-closed)"));
+    assert!(!plan(&parse("")).to_string().contains("(fail-closed)"));
 }
 
 fn kernel_cfg() -> Config {
@@ -225,8 +227,13 @@ fn kernel_handoff_labels_in_route_order_and_dnats_labelled_connections() {
     let d = plan(&kernel_cfg());
     let text = d.to_string();
     let pre = &d.table.chains[0].rules;
-    // dns (udp tproxy), mesh v4 + v6 (label), rest (tproxy): config order kept.
-    let verdicts: Vec<&Verdict> = pre.iter().skip(3).map(|r| &r.verdict).collect();
+    // dns (udp tproxy), mesh v4 + v6 (label), rest (tproxy): config order kept (the guard,
+    // bypass and per-source limit rules left out).
+    let verdicts: Vec<&Verdict> = pre
+        .iter()
+        .map(|r| &r.verdict)
+        .filter(|v| matches!(v, Verdict::Tproxy { .. } | Verdict::CtMarkAccept { .. }))
+        .collect();
     assert!(matches!(verdicts[0], Verdict::Tproxy { .. }), "{text}");
     assert!(
         matches!(verdicts[1], Verdict::CtMarkAccept { .. }),

@@ -7,14 +7,14 @@
 
 use std::fmt;
 
-use super::current::{key_type, Current};
+use super::current::{key_type, meter_key, Current};
 use super::encode::{encode, Object};
 use super::error::NftError;
 use super::socket::Nft;
 use super::text::{rule_text, RuleText};
 use super::wire;
 use crate::kernel::netlink::{be32, Attrs, Msgs};
-use crate::model::{interval_text, Set, Table};
+use crate::model::{interval_text, Meter, Set, Table};
 
 /// A difference between the kernel and the desired table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,6 +278,23 @@ fn audit_set_header(s: &Set, current: &Current, drift: &mut Vec<TableDrift>) -> 
     }
 }
 
+/// A meter's dynamic set against the kernel's: the set itself, never its keys (the kernel
+/// fills them at run time).
+fn audit_meter(m: &Meter, current: &Current, drift: &mut Vec<TableDrift>) {
+    let (kt, kl, flags) = meter_key(m);
+    match current.sets.iter().find(|k| k.name == m.name) {
+        None => drift.push(TableDrift::MissingSet {
+            set: m.name.clone(),
+        }),
+        Some(k) if !k.matches_meter(m) => drift.push(TableDrift::ChangedSet {
+            set: m.name.clone(),
+            want: set_desc(kt, kl, flags),
+            have: set_desc(k.key_type, k.key_len, k.flags),
+        }),
+        Some(_) => {}
+    }
+}
+
 impl Nft {
     /// Compares the kernel's `table inet NAME` with `table`; empty when in sync.
     pub fn audit(&mut self, table: &Table) -> Result<Vec<TableDrift>, NftError> {
@@ -296,8 +313,13 @@ impl Nft {
                 self.audit_elements(name, s, &mut drift)?;
             }
         }
+        for m in &table.meters {
+            audit_meter(m, &current, &mut drift);
+        }
         for k in &current.sets {
-            if !table.sets.iter().any(|s| s.name == k.name) {
+            if !table.sets.iter().any(|s| s.name == k.name)
+                && !table.meters.iter().any(|m| m.name == k.name)
+            {
                 drift.push(TableDrift::ExtraSet {
                     set: k.name.clone(),
                 });

@@ -54,6 +54,27 @@ impl CurrentSet {
     }
 }
 
+impl CurrentSet {
+    /// Size and timeout are not compared: the kernel reports them back only in part.
+    pub fn matches_meter(&self, m: &model::Meter) -> bool {
+        let (kt, kl, flags) = meter_key(m);
+        self.name == m.name && self.key_type == kt && self.key_len == kl && self.flags == flags
+    }
+}
+
+/// Key type, key length and set flags of a meter's dynamic set.
+pub fn meter_key(m: &model::Meter) -> (u32, u32, u32) {
+    let (kt, kl) = match m.family {
+        model::Family::V4 => (7, 4),
+        model::Family::V6 => (8, 16),
+    };
+    let mut flags = libc::NFT_SET_EVAL as u32;
+    if m.timeout_secs.is_some() {
+        flags |= libc::NFT_SET_TIMEOUT as u32;
+    }
+    (kt, kl, flags)
+}
+
 impl Current {
     /// The chains and sets of `table inet NAME` now (empty when the table does not exist).
     pub fn read(nft: &mut Nft, name: &str) -> Result<Current, NftError> {

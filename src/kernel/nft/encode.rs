@@ -26,8 +26,10 @@ use nftnl::expr::{
 use nftnl::nftnl_sys as sys;
 use nftnl::{MsgType, NlMsg, ProtoFamily};
 
-use super::current::{key_type, Current};
-use super::expr::{Base, Dnat, LookupSet, Payload, Redir, Tproxy};
+use super::current::{key_type, meter_key, Current};
+use super::expr::{
+    Base, Dnat, DynsetMeter, FibDaddrType, LookupSet, MeterExpr, Payload, Redir, Tproxy,
+};
 use super::wire;
 use crate::kernel::netlink;
 use crate::model::{self, Family, Match, SetElems, Table, Verdict};
@@ -40,6 +42,8 @@ const UDATA_INTERVAL_OPEN: [u8; 6] = [1, 4, 1, 0, 0, 0];
 
 /// `NF_CT_STATE_BIT(IP_CT_ESTABLISHED)`.
 const CT_STATE_ESTABLISHED: u32 = 0x2;
+/// `IPS_CONFIRMED` in `ct status`.
+const CT_STATUS_CONFIRMED: u32 = 0x8;
 /// TCP header flags byte: FIN|SYN|RST|ACK, and SYN alone.
 const TCP_FLAGS_FSRA: u8 = 0x17;
 const TCP_FLAG_SYN: u8 = 0x02;
@@ -69,6 +73,8 @@ pub enum Object {
     /// Delete all elements of existing set `current.sets[i]`.
     FlushSet(usize),
     Set(usize),
+    /// Dynamic set `table.meters[i]`.
+    Meter(usize),
     /// Intervals `first..first + count` of set `set`.
     Elems {
         set: usize,
@@ -137,6 +143,7 @@ impl Batch {
             Object::DelSet(i) => format!("delete set {}", self.current.sets[i].name),
             Object::FlushSet(i) => format!("flush set {}", self.current.sets[i].name),
             Object::Set(s) => format!("set {}{}", table.sets[s].name, used_by(table, s)),
+            Object::Meter(i) => format!("set {} (per-source limit)", table.meters[i].name),
             Object::Elems { set, first, count } => {
                 let s = &table.sets[set];
                 let at = err_offset.and_then(|o| element_at(self.message(index), o as usize));
@@ -183,9 +190,10 @@ fn used_by(table: &Table, set: usize) -> String {
         .flat_map(|c| &c.rules)
         .find(|r| {
             r.matches.iter().any(|m| match m {
-                Match::Daddr { set, .. } | Match::Saddr { set, .. } | Match::Dport { set, .. } => {
-                    set == name
-                }
+                Match::Daddr { set, .. }
+                | Match::Saddr { set, .. }
+                | Match::SaddrNotIn { set, .. }
+                | Match::Dport { set, .. } => set == name,
                 _ => false,
             })
         })
@@ -247,12 +255,31 @@ struct RawSet(std::ptr::NonNull<sys::nftnl_set>);
 
 impl RawSet {
     fn new(table: &CString, name: &CString, id: u32, elems: &SetElems) -> RawSet {
+        let (kt, kl) = key_type(elems);
+        RawSet::with_key(table, name, id, (kt, kl, libc::NFT_SET_INTERVAL as u32))
+    }
+
+    /// A dynamic set (`flags dynamic`, with `timeout` when the meter has one) for a meter.
+    fn meter(table: &CString, name: &CString, id: u32, m: &model::Meter) -> RawSet {
+        let set = RawSet::with_key(table, name, id, meter_key(m));
+        // SAFETY: `set.0` is a live set; both attributes are of the types given.
+        unsafe {
+            let s = set.0.as_ptr();
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_DESC_SIZE as u16, m.size);
+            if let Some(t) = m.timeout_secs {
+                sys::nftnl_set_set_u64(s, sys::NFTNL_SET_TIMEOUT as u16, u64::from(t) * 1000);
+            }
+        }
+        set
+    }
+
+    fn with_key(table: &CString, name: &CString, id: u32, key: (u32, u32, u32)) -> RawSet {
         // SAFETY: plain allocation; checked for NULL below.
         let p = unsafe { sys::nftnl_set_alloc() };
         let Some(p) = std::ptr::NonNull::new(p) else {
             std::process::abort() // out of memory, as nftnl does
         };
-        let (kt, kl) = key_type(elems);
+        let (kt, kl, flags) = key;
         // SAFETY: `p` is a live set; libnftnl copies the strings; attribute types match.
         unsafe {
             let s = p.as_ptr();
@@ -260,11 +287,7 @@ impl RawSet {
             sys::nftnl_set_set_str(s, sys::NFTNL_SET_TABLE as u16, table.as_ptr());
             sys::nftnl_set_set_str(s, sys::NFTNL_SET_NAME as u16, name.as_ptr());
             sys::nftnl_set_set_u32(s, sys::NFTNL_SET_ID as u16, id);
-            sys::nftnl_set_set_u32(
-                s,
-                sys::NFTNL_SET_FLAGS as u16,
-                libc::NFT_SET_INTERVAL as u32,
-            );
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_FLAGS as u16, flags);
             sys::nftnl_set_set_u32(s, sys::NFTNL_SET_KEY_TYPE as u16, kt);
             sys::nftnl_set_set_u32(s, sys::NFTNL_SET_KEY_LEN as u16, kl);
         }
@@ -439,8 +462,13 @@ pub fn encode_replace(table: &Table, current: &Current) -> Result<Batch, EncodeE
         }
     }
     let kept_set = |s: &model::Set| current.sets.iter().any(|k| k.matches(s));
+    let kept_meter = |m: &model::Meter| current.sets.iter().any(|k| k.matches_meter(m));
     for (i, k) in current.sets.iter().enumerate() {
-        if table.sets.iter().any(|s| k.matches(s)) {
+        // A kept meter is flushed too: its keys carry the limit they were created with, which
+        // a reload may have changed (per-source counts start again from zero).
+        if table.sets.iter().any(|s| k.matches(s))
+            || table.meters.iter().any(|m| k.matches_meter(m))
+        {
             put_del(
                 &mut b,
                 wire::NFT_MSG_DELSETELEM,
@@ -470,6 +498,18 @@ pub fn encode_replace(table: &Table, current: &Current) -> Result<Batch, EncodeE
         let seq = b.seq();
         RawSet::new(&tname, &name, id, &set.elems).put(&mut b.buf, seq);
         b.record(start, wire::NFT_MSG_NEWSET, Object::Set(i));
+    }
+    for (i, m) in table.meters.iter().enumerate() {
+        let id = (table.sets.len() + i) as u32 + 1;
+        set_ids.insert(m.name.as_str(), id);
+        if kept_meter(m) {
+            continue;
+        }
+        let name = cstr(|| format!("set {}", m.name), &m.name)?;
+        let start = b.buf.len();
+        let seq = b.seq();
+        RawSet::meter(&tname, &name, id, m).put(&mut b.buf, seq);
+        b.record(start, wire::NFT_MSG_NEWSET, Object::Meter(i));
     }
     for (i, set) in table.sets.iter().enumerate() {
         b.elements(&table.name, set, i);
@@ -533,6 +573,15 @@ fn nfproto(f: Family) -> u8 {
     }
 }
 
+/// `meta nfproto FAMILY`, once per rule before its first family-specific match.
+fn family_dep(r: &mut nftnl::Rule<'_>, done: &mut Option<Family>, family: Family) {
+    if *done != Some(family) {
+        r.add_expr(&Meta::NfProto);
+        r.add_expr(&Cmp::new(CmpOp::Eq, nfproto(family)));
+        *done = Some(family);
+    }
+}
+
 /// The expressions nft 1.0.6 generates for a rule, dependencies included: `meta nfproto` once
 /// before the first address match of a family, `meta l4proto` before a port match unless the
 /// rule already matched that protocol.
@@ -545,12 +594,57 @@ fn add_exprs(
         Ok(LookupSet {
             name: cstr(|| format!("set reference {name}"), name)?,
             id: set_ids.get(name).copied().unwrap_or(0),
+            invert: false,
         })
     };
     let mut family_done: Option<Family> = None;
     let mut proto_done: Option<model::Proto> = None;
     for m in &rule.matches {
         match m {
+            Match::FibDaddrType(t) => {
+                r.add_expr(&FibDaddrType);
+                r.add_expr(&Cmp::new(CmpOp::Eq, t.rtn()));
+            }
+            Match::DportIs { proto, port } => {
+                if proto_done != Some(*proto) {
+                    r.add_expr(&Meta::L4Proto);
+                    r.add_expr(&Cmp::new(CmpOp::Eq, proto.number()));
+                    proto_done = Some(*proto);
+                }
+                r.add_expr(&Payload::dport());
+                r.add_expr(&Cmp::new(CmpOp::Eq, port.to_be_bytes().as_slice()));
+            }
+            Match::SaddrNotIn { family, set } => {
+                family_dep(r, &mut family_done, *family);
+                r.add_expr(&Payload::addr(*family == Family::V6, false));
+                r.add_expr(&LookupSet {
+                    invert: true,
+                    ..lookup(set)?
+                });
+            }
+            Match::CtUnconfirmed => {
+                r.add_expr(&Conntrack::Status);
+                r.add_expr(&Bitwise::new(CT_STATUS_CONFIRMED, 0u32));
+                r.add_expr(&Cmp::new(CmpOp::Eq, 0u32));
+            }
+            Match::OverLimit(l) => {
+                family_dep(r, &mut family_done, l.family);
+                r.add_expr(&Payload::addr(l.family == Family::V6, false));
+                if l.family == Family::V6 {
+                    let mask = model::v6_prefix_mask(model::V6_SOURCE_PREFIX);
+                    r.add_expr(&Bitwise::new(mask, std::net::Ipv6Addr::UNSPECIFIED));
+                }
+                r.add_expr(&DynsetMeter {
+                    set: cstr(|| format!("set reference {}", l.meter), &l.meter)?,
+                    id: set_ids.get(l.meter.as_str()).copied().unwrap_or(0),
+                    expr: match l.limit {
+                        model::Limit::CountOver(n) => MeterExpr::CountOver(n),
+                        model::Limit::RateOver { per_second, burst } => {
+                            MeterExpr::RateOver { per_second, burst }
+                        }
+                    },
+                });
+            }
             Match::Mark { mask, value } => {
                 r.add_expr(&Meta::Mark { set: false });
                 r.add_expr(&Bitwise::new(mask.0, 0u32));
@@ -561,11 +655,7 @@ fn add_exprs(
                 r.add_expr(&Cmp::new(CmpOp::Eq, *uid));
             }
             Match::Daddr { family, set } | Match::Saddr { family, set } => {
-                if family_done != Some(*family) {
-                    r.add_expr(&Meta::NfProto);
-                    r.add_expr(&Cmp::new(CmpOp::Eq, nfproto(*family)));
-                    family_done = Some(*family);
-                }
+                family_dep(r, &mut family_done, *family);
                 let dst = matches!(m, Match::Daddr { .. });
                 r.add_expr(&Payload::addr(*family == Family::V6, dst));
                 r.add_expr(&lookup(set)?);

@@ -74,6 +74,7 @@ fn default_batch_message_sequence() {
     let n_sets = table.sets.len();
     let mut want = vec![Object::AddTable];
     want.extend((0..n_sets).map(Object::Set));
+    want.extend((0..table.meters.len()).map(Object::Meter));
     for (i, s) in table.sets.iter().enumerate() {
         want.push(Object::Elems {
             set: i,
@@ -175,6 +176,7 @@ fn element_keys_are_start_and_exclusive_end_open_at_the_top() {
                 },
             ]),
         }],
+        meters: vec![],
         chains: vec![],
     };
     let batch = encode(&table).unwrap();
@@ -229,6 +231,7 @@ fn big_sets_split_into_messages_that_fit_and_labels_find_the_element() {
             name: "r0_big_dst4".into(),
             elems: SetElems::V4(nets),
         }],
+        meters: vec![],
         chains: vec![],
     };
     let batch = encode(&table).unwrap();

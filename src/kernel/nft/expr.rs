@@ -116,6 +116,8 @@ impl Expression for Dnat {
 pub struct LookupSet {
     pub name: CString,
     pub id: u32,
+    /// `!= @SET`: matches when the key is *not* in the set (`NFT_LOOKUP_F_INV`).
+    pub invert: bool,
 }
 
 impl Expression for LookupSet {
@@ -130,6 +132,13 @@ impl Expression for LookupSet {
                 self.name.as_ptr(),
             );
             sys::nftnl_expr_set_u32(e.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SET_ID as u16, self.id);
+            if self.invert {
+                sys::nftnl_expr_set_u32(
+                    e.as_ptr(),
+                    sys::NFTNL_EXPR_LOOKUP_FLAGS as u16,
+                    libc::NFT_LOOKUP_F_INV as u32,
+                );
+            }
         }
         e
     }
@@ -189,6 +198,111 @@ impl Expression for Payload {
             sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_PAYLOAD_BASE as u16, base);
             sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_PAYLOAD_OFFSET as u16, self.offset);
             sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_PAYLOAD_LEN as u16, self.len);
+        }
+        e
+    }
+}
+
+/// `NFT_FIB_RESULT_ADDRTYPE`: the fib expression yields the route type (RTN_*).
+const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
+/// `NFTA_FIB_F_DADDR`: look up the destination address.
+const NFTA_FIB_F_DADDR: u32 = 1 << 1;
+
+/// `fib daddr type => reg 1`: the type of the packet's destination address in the kernel's
+/// local table (RTN_LOCAL for the node's own and loopback addresses), host byte order u32.
+pub struct FibDaddrType;
+
+impl Expression for FibDaddrType {
+    fn to_expr(&self, _rule: &Rule) -> ptr::NonNull<sys::nftnl_expr> {
+        let e = alloc(c"fib");
+        // SAFETY: `e` is a live fib expression; all three attributes are u32.
+        unsafe {
+            let p = e.as_ptr();
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_FIB_DREG as u16, REG1);
+            sys::nftnl_expr_set_u32(
+                p,
+                sys::NFTNL_EXPR_FIB_RESULT as u16,
+                NFT_FIB_RESULT_ADDRTYPE,
+            );
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_FIB_FLAGS as u16, NFTA_FIB_F_DADDR);
+        }
+        e
+    }
+}
+
+/// `NFT_DYNSET_OP_UPDATE`: add the key or refresh its timeout.
+const NFT_DYNSET_OP_UPDATE: u32 = 1;
+/// `NFT_CONNLIMIT_F_INV`: `ct count over N` (match above the limit).
+const NFT_CONNLIMIT_F_INV: u32 = 1;
+/// `NFT_LIMIT_F_INV`: `limit rate over` (match above the rate).
+const NFT_LIMIT_F_INV: u32 = 1;
+
+/// The state a per-source meter keeps for each key.
+#[derive(Debug, Clone, Copy)]
+pub enum MeterExpr {
+    /// `ct count over N`: connlimit, inverted.
+    CountOver(u32),
+    /// `limit rate over N/second burst B packets`: limit, packets, inverted.
+    RateOver { per_second: u32, burst: u32 },
+}
+
+/// `add @SET { reg 1 EXPR }` (count) / `update @SET { reg 1 EXPR }` (rate): dynset with the key
+/// in register 1 and one stateful expression that the kernel clones into each new element and
+/// evaluates on every packet; the rule goes on only when that expression matches.
+pub struct DynsetMeter {
+    pub set: CString,
+    pub id: u32,
+    pub expr: MeterExpr,
+}
+
+impl Expression for DynsetMeter {
+    fn to_expr(&self, _rule: &Rule) -> ptr::NonNull<sys::nftnl_expr> {
+        let (inner, op) = match self.expr {
+            MeterExpr::CountOver(n) => {
+                let c = alloc(c"connlimit");
+                // SAFETY: `c` is a live connlimit expression; both attributes are u32.
+                unsafe {
+                    sys::nftnl_expr_set_u32(c.as_ptr(), sys::NFTNL_EXPR_CONNLIMIT_COUNT as u16, n);
+                    sys::nftnl_expr_set_u32(
+                        c.as_ptr(),
+                        sys::NFTNL_EXPR_CONNLIMIT_FLAGS as u16,
+                        NFT_CONNLIMIT_F_INV,
+                    );
+                }
+                (c, libc::NFT_DYNSET_OP_ADD as u32)
+            }
+            MeterExpr::RateOver { per_second, burst } => {
+                let l = alloc(c"limit");
+                // SAFETY: `l` is a live limit expression; rate and unit are u64, the rest u32.
+                unsafe {
+                    let p = l.as_ptr();
+                    sys::nftnl_expr_set_u64(
+                        p,
+                        sys::NFTNL_EXPR_LIMIT_RATE as u16,
+                        per_second.into(),
+                    );
+                    sys::nftnl_expr_set_u64(p, sys::NFTNL_EXPR_LIMIT_UNIT as u16, 1);
+                    sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_LIMIT_BURST as u16, burst);
+                    sys::nftnl_expr_set_u32(
+                        p,
+                        sys::NFTNL_EXPR_LIMIT_TYPE as u16,
+                        libc::NFT_LIMIT_PKTS as u32,
+                    );
+                    sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_LIMIT_FLAGS as u16, NFT_LIMIT_F_INV);
+                }
+                (l, NFT_DYNSET_OP_UPDATE)
+            }
+        };
+        let e = alloc(c"dynset");
+        // SAFETY: `e` is a live dynset expression; libnftnl copies the set name; `inner` is a
+        // live expression whose ownership passes to `e` (freed with it), used nowhere else.
+        unsafe {
+            let p = e.as_ptr();
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_DYNSET_SREG_KEY as u16, REG1);
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_DYNSET_OP as u16, op);
+            sys::nftnl_expr_set_str(p, sys::NFTNL_EXPR_DYNSET_SET_NAME as u16, self.set.as_ptr());
+            sys::nftnl_expr_set_u32(p, sys::NFTNL_EXPR_DYNSET_SET_ID as u16, self.id);
+            sys::nftnl_expr_add_expr(p, sys::NFTNL_EXPR_DYNSET_EXPRESSIONS, inner.as_ptr());
         }
         e
     }

@@ -130,7 +130,7 @@ pub fn rule_text(msg: &[u8]) -> Option<RuleText> {
 }
 
 /// `[ NAME BODY ]` as libnftnl prints one expression, normalised: counter values dropped, zero
-/// lookup flags dropped, and redir's `proto_max` dropped when it repeats `proto_min` (the kernel
+/// lookup flags dropped, a dynset's zero timeout dropped, and redir's `proto_max` dropped when it repeats `proto_min` (the kernel
 /// fills both in).
 ///
 /// # Safety
@@ -165,6 +165,10 @@ unsafe fn expr_text(e: *mut sys::nftnl_expr) -> String {
         if let Some(b) = body.strip_suffix(" 0x0") {
             body = b.to_string();
         }
+    }
+    // The kernel dumps a dynset's timeout even when none was set (the set's own applies).
+    if name == "dynset" {
+        body = body.replace(" timeout 0ms", "");
     }
     if name == "redir" {
         if let (Some(min), Some(max)) = (
