@@ -7,6 +7,12 @@
 #   etp-2t          the same with `[limits] worker_threads = 2` (the default here is 1: half the CPUs)
 #   etp-splice      the same with `relay = "splice"` (splice from the first byte)
 #   etp-copy        the same with `relay = "copy"` (always the buffered copy)
+#   etp-nolimits    `etp` without the per-source limits (all three keys 0): beside `etp`, the
+#                   cost of the kernel's per-source meters. The `etp` rows keep the default
+#                   per-source flow counts and a per-source rate of 100,000/s, on but above what
+#                   one client reaches here, so that they measure the cost of the rules, not
+#                   the refusals (the default 2,000/s would refuse most of the `close` phase,
+#                   whose one client opens thousands of connections a second)
 #   haproxy         HAProxy, `bind ... transparent`, `server orig 0.0.0.0` (= original destination)
 #   haproxy-splice  the same with `option splice-auto`
 #   nginx           nginx stream, `proxy_pass $server_addr:$server_port`, on a transparent listener
@@ -39,7 +45,7 @@ set -euo pipefail
 ETP=$(realpath "${1:-target/release/etp}")
 EX="$(dirname "$ETP")/examples"
 SECS=${BENCH_SECS:-5}
-ROWS=${BENCH_ROWS:-routing etp etp-2t etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd etp-kernel kernel-nat}
+ROWS=${BENCH_ROWS:-routing etp etp-nolimits etp-2t etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd etp-kernel kernel-nat}
 CONNS=${BENCH_CONNS:-1000}
 ROUNDS=${BENCH_ROUNDS:-3}
 PHASES=" ${BENCH_PHASES:-tcp1 tcp4 ka close sys udp idle} "
@@ -125,7 +131,7 @@ waitfor 100 listening "$S" -lun 53 || { echo "bench: dnsmasq did not start"; exi
 printf 'bench.test A\n' >"$WORK/queries"
 
 # ---- interceptors ---------------------------------------------------------------------------
-etp_cfg() { # $1 = tcp action, $2 = relay mode, $3 = worker threads (0 = etp's default)
+etp_cfg() { # $1 = tcp action, $2 = relay mode, $3 = worker threads (0 = etp's default), $4 = per-source rate (0 = off)
   cat <<EOF
 [listener]
 port = 15001
@@ -141,6 +147,7 @@ max_tcp_flows = 20000
 new_flows_per_source_per_second = 0  # the load comes from one client address
 relay = "${2:-adaptive}"
 worker_threads = ${3:-0}
+new_flows_per_source_per_second = ${4:-100000}
 [bypass]
 destinations = []
 ports = []
@@ -163,6 +170,8 @@ etp_cfg direct splice >"$WORK/etp-splice.toml"
 etp_cfg direct copy >"$WORK/etp-copy.toml"
 etp_cfg linkerd >"$WORK/etp-linkerd.toml"
 etp_cfg direct adaptive 2 >"$WORK/etp-2t.toml"
+etp_cfg direct adaptive 0 0 | sed 's/^new_flows_per_source_per_second = 0$/&\nmax_tcp_flows_per_source = 0\nmax_udp_flows_per_source = 0/' \
+  >"$WORK/etp-nolimits.toml"
 HANDOFF=169.254.15.1
 { etp_cfg linkerd; printf '[linkerd]\nhandoff = "kernel"\nhandoff_address = ["%s"]\n' "$HANDOFF"; } \
   >"$WORK/etp-kernel.toml"
@@ -246,8 +255,9 @@ start_row() { # $1 = row; sets IPID (main pid) and PIDS (all processes measured)
   IPID=""
   case $1 in
     routing) return 0 ;;
-    etp|etp-splice|etp-copy|etp-2t)
+    etp|etp-splice|etp-copy|etp-2t|etp-nolimits)
       local cfg="$WORK/etp-direct.toml"
+      [ "$1" = etp-nolimits ] && cfg="$WORK/etp-nolimits.toml"
       [ "$1" = etp-splice ] && cfg="$WORK/etp-splice.toml"
       [ "$1" = etp-copy ] && cfg="$WORK/etp-copy.toml"
       [ "$1" = etp-2t ] && cfg="$WORK/etp-2t.toml"
