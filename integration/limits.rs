@@ -207,6 +207,35 @@ fn a_source_over_its_share_is_reset_and_another_source_is_served() {
             r#"etp_flows_total{route="echo",action="direct",proto="tcp"}"#
         ) >= 6
     );
+
+    // The limit rule is etp's like every other: removed from outside, it is put back.
+    let limit_rules = || {
+        let text = t
+            .router
+            .nft(&["-a", "list", "chain", "inet", "etp", "prerouting"]);
+        text.lines()
+            .filter(|l| l.contains("etp route echo: tcp -> direct (source flows)"))
+            .filter_map(|l| Some(l.rsplit("# handle ").next()?.trim().to_string()))
+            .collect::<Vec<_>>()
+    };
+    let handles = limit_rules();
+    assert_eq!(handles.len(), 1, "{handles:?}");
+    t.router.nft(&[
+        "delete",
+        "rule",
+        "inet",
+        "etp",
+        "prerouting",
+        "handle",
+        &handles[0],
+    ]);
+    let repaired = common::wait_for(Duration::from_secs(10), || {
+        limit_rules().iter().any(|h| *h != handles[0]).then_some(())
+    });
+    assert!(
+        repaired.is_some(),
+        "the deleted limit rule was not repaired"
+    );
 }
 
 /// A DNS query for etp.test (id 0x1234, recursion desired).
