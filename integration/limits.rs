@@ -73,10 +73,14 @@ fn rule_packets(ns: &Netns, comment: &str) -> u64 {
 
 /// A TCP connection from `src` to `dst` made inside `ns`, or the connect error.
 fn connect_from(ns: &Netns, src: &str, dst: &str, timeout: Duration) -> std::io::Result<TcpStream> {
-    let src: SocketAddr = format!("{src}:0").parse().unwrap();
     let dst: SocketAddr = dst.parse().unwrap();
+    let src = SocketAddr::new(src.parse().unwrap(), 0);
     in_netns(&ns.name, move || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(dst),
+            socket2::Type::STREAM,
+            None,
+        )?;
         s.bind(&src.into())?;
         s.connect_timeout(&dst.into(), timeout)?;
         let s: TcpStream = s.into();
@@ -111,9 +115,21 @@ fn flows_addressed_to_the_node_itself_on_the_listener_port_are_refused() {
         "{err} after {:?}",
         started.elapsed()
     );
-    // The same from the router itself, over loopback and its own address.
-    for dst in ["127.0.0.1:15001", "10.10.2.1:15001"] {
-        let err = connect_from(&t.router, "0.0.0.0", dst, Duration::from_secs(3))
+    // IPv6, and from the router itself, over loopback and its own addresses.
+    let err = connect_from(
+        &t.client,
+        "fd10:1::2",
+        "[fd10:1::1]:15001",
+        Duration::from_secs(3),
+    )
+    .expect_err("an IPv6 connection to the router's listener port must be refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    for (src, dst) in [
+        ("0.0.0.0", "127.0.0.1:15001"),
+        ("0.0.0.0", "10.10.2.1:15001"),
+        ("::", "[::1]:15001"),
+    ] {
+        let err = connect_from(&t.router, src, dst, Duration::from_secs(3))
             .expect_err("a local connection to the listener port must be refused");
         assert_eq!(
             err.kind(),
@@ -125,7 +141,7 @@ fn flows_addressed_to_the_node_itself_on_the_listener_port_are_refused() {
         rule_packets(
             &t.router,
             "etp: tcp for the listener port at a local address refused"
-        ) >= 3
+        ) >= 5
     );
 
     // UDP: a datagram to the router's own address on the listener port is dropped before it

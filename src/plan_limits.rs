@@ -33,12 +33,14 @@ pub fn guard_rules(cfg: &Config) -> Vec<Rule> {
     for proto in [Proto::Tcp, Proto::Udp] {
         for t in [AddrType::Local, AddrType::Broadcast, AddrType::Multicast] {
             rules.push(Rule {
+                // The port first: every packet crosses this chain, and only those for the
+                // listener port should pay for the fib lookup.
                 matches: vec![
-                    Match::FibDaddrType(t),
                     Match::DportIs {
                         proto,
                         port: cfg.listener.port,
                     },
+                    Match::FibDaddrType(t),
                 ],
                 verdict: refusal(proto),
                 comment: format!("etp: {proto} for the listener port at a {t} address refused"),
@@ -109,8 +111,10 @@ impl SourceLimits {
         (limits, meters)
     }
 
-    /// The limit rules for a route's tproxy rule with `matches` (which select only a flow's
-    /// first packet for TCP) and `comment`.
+    /// The limit rules for a route's tproxy rule with `matches` and `comment`. The test for a
+    /// flow's first packet comes first (SYN for TCP, not yet confirmed by conntrack for UDP):
+    /// every packet of every intercepted flow crosses these rules, and the later ones should
+    /// leave at the cheapest test, before the route's set lookups.
     pub fn rules(
         &self,
         family: Family,
@@ -118,16 +122,17 @@ impl SourceLimits {
         matches: &[Match],
         comment: &str,
     ) -> Vec<Rule> {
-        let mut base = matches.to_vec();
+        let mut base = vec![match proto {
+            Proto::Tcp => Match::TcpSyn,
+            // Every datagram of a UDP flow is TPROXY'd; only the first one opens a flow.
+            Proto::Udp => Match::CtUnconfirmed,
+        }];
+        base.extend(matches.iter().filter(|m| **m != Match::TcpSyn).cloned());
         if let Some((_, set)) = self.trusted.iter().find(|(f, _)| *f == family) {
             base.push(Match::SaddrNotIn {
                 family,
                 set: set.clone(),
             });
-        }
-        if proto == Proto::Udp {
-            // Every datagram of a UDP flow is TPROXY'd; only the first one opens a flow.
-            base.push(Match::CtUnconfirmed);
         }
         let flows = match proto {
             Proto::Tcp => self.tcp_flows,
