@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::topo::{dig, in_netns, metric, start_etp, sum, topo, Topo};
+use common::topo::{dig, in_netns, metric, start_etp, start_etp_with, sum, topo, Opts, Topo};
 use common::Netns;
 
 /// The quiet client keeps the topology's address; the noisy one gets a second address.
@@ -180,7 +180,12 @@ fn a_source_over_its_share_is_reset_and_another_source_is_served() {
     require_root!();
     let t = topo();
     add_noisy_address(&t);
-    let etp = start_etp(&t.router, &cfg("max_tcp_flows_per_source = 4"));
+    // Resync every second: it also copies the limit rules' counters into the metrics.
+    let opts = Opts {
+        resync_seconds: 1,
+        ..Opts::default()
+    };
+    let etp = start_etp_with(&t.router, &cfg("max_tcp_flows_per_source = 4"), opts);
     let echo_addr = "10.96.0.20:7001";
 
     // The noisy source holds its share...
@@ -209,6 +214,20 @@ fn a_source_over_its_share_is_reset_and_another_source_is_served() {
         .expect("the quiet source connects");
     assert_eq!(echo(&mut s, b"quiet").expect("quiet echo"), b"quiet");
     assert!(rule_packets(&t.router, "etp route echo: tcp -> direct (source flows)") >= 6);
+
+    let exported = common::wait_for(Duration::from_secs(5), || {
+        let m = etp.metrics();
+        (metric(
+            &m,
+            r#"etp_kernel_refused_packets{route="echo",proto="tcp",reason="source_flows"}"#,
+        ) >= 6)
+            .then_some(())
+    });
+    assert!(
+        exported.is_some(),
+        "refusals not in the metrics:\n{}",
+        etp.metrics()
+    );
 
     // A closed connection frees its slot.
     held.pop();

@@ -21,7 +21,7 @@ use crate::config::{Config, Source};
 use crate::dataplane::{Dataplane, FlowPolicy, ListenError, Listeners, UNMATCHED};
 use crate::health::{self, Probe};
 use crate::kernel::{Change, Kernel, KernelError, Monitor};
-use crate::metrics::{FlowLabels, Metrics, ResultLabels};
+use crate::metrics::{FlowLabels, Metrics, RefusalLabels, ResultLabels};
 use crate::model::{Desired, Proto};
 use crate::plan;
 use crate::plan_handoff::ProxyState;
@@ -476,9 +476,51 @@ impl Daemon {
         self.publish_status();
     }
 
+    /// Copies the counters of the ruleset's refusing rules (guard, per-source limits) into
+    /// `etp_kernel_refused_packets`; a route's rules for several families add up.
+    fn read_kernel_refusals(&mut self) {
+        let refusals = plan::refusals(&self.desired);
+        if refusals.is_empty() {
+            return;
+        }
+        let counters = match self.kernel.rule_packets() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %chain(&e), "resync: reading rule counters failed");
+                return;
+            }
+        };
+        let mut sums: std::collections::HashMap<RefusalLabels, u64> = Default::default();
+        let mut seen = std::collections::HashSet::new();
+        // A route's IPv4 and IPv6 rules share a comment: each comment is read once.
+        for r in refusals.iter().filter(|r| seen.insert(r.comment.clone())) {
+            let labels = RefusalLabels {
+                route: r.route.clone(),
+                proto: match r.proto {
+                    Proto::Tcp => "tcp",
+                    Proto::Udp => "udp",
+                },
+                reason: r.reason,
+            };
+            let packets: u64 = counters
+                .iter()
+                .filter(|(c, _)| *c == r.comment)
+                .map(|(_, p)| p)
+                .sum();
+            *sums.entry(labels).or_default() += packets;
+        }
+        for (labels, packets) in sums {
+            self.metrics
+                .kernel_refused
+                .get_or_create(&labels)
+                .set(i64::try_from(packets).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Drift check: the generation id first (cheap); a full audit only when it moved; routing
     /// is checked on every tick (two small dumps). Drift is repaired in one transaction.
     async fn resync(&mut self) {
+        self.read_kernel_refusals();
         let generation = match self.kernel.generation() {
             Ok(g) => g,
             Err(e) => {

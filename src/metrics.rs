@@ -160,6 +160,9 @@ pub struct Metrics {
     pub reloads_total: Family<ResultLabels, Counter>,
     pub drift_repairs_total: Counter,
     pub ruleset_generation: Gauge,
+    /// Packets the ruleset's guard and per-source limit rules refused, read from their
+    /// counters at every resync; the counters restart when the table is replaced.
+    pub kernel_refused: Family<RefusalLabels, Gauge>,
     pub build_info: Family<VersionLabels, Gauge>,
     /// 1 while the Linkerd proxy passes etp's health check.
     pub proxy_ready: Gauge,
@@ -191,6 +194,7 @@ impl Metrics {
             reloads_total: Family::default(),
             drift_repairs_total: Counter::default(),
             ruleset_generation: Gauge::default(),
+            kernel_refused: Family::default(),
             build_info: Family::default(),
             proxy_ready: Gauge::default(),
             proxy_switches_total: Family::default(),
@@ -247,6 +251,12 @@ impl Metrics {
             "ruleset_generation",
             "nftables generation id of etp's last applied ruleset",
             m.ruleset_generation.clone(),
+        );
+        registry.register(
+            "kernel_refused_packets",
+            "Packets refused by etp's ruleset (guard, per-source limits) since it was last \
+             replaced, by route, protocol and reason; read at every resync",
+            m.kernel_refused.clone(),
         );
         registry.register("build_info", "etp's version", m.build_info.clone());
         registry.register(

@@ -15,7 +15,7 @@ use crate::plan_handoff::{self, out_rule_in, pre_rule_in, ProxyState};
 #[path = "plan_limits.rs"]
 mod limits;
 use limits::{guard_rules, serves_new_flows, SourceLimits};
-pub use limits::{METER_SIZE, RATE_TIMEOUT_SECS};
+pub use limits::{refusals, Refusal, METER_SIZE, RATE_TIMEOUT_SECS};
 
 /// Chain names as `nft list` shows them.
 pub const CHAIN_PREROUTING: &str = "prerouting";

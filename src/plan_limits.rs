@@ -15,7 +15,9 @@
 use super::addr_sets;
 use crate::classify::AddrSets;
 use crate::config::Config;
-use crate::model::{AddrType, Family, Limit, Match, Meter, Proto, Rule, Set, SourceLimit, Verdict};
+use crate::model::{
+    AddrType, Desired, Family, Limit, Match, Meter, Proto, Rule, Set, SourceLimit, Verdict,
+};
 
 /// Keys per meter: a source that finds its meter full is not limited (the dynset `add`
 /// fails and the rule does not match), so the size bounds memory, never service.
@@ -181,6 +183,57 @@ fn meter_name(kind: &str, family: Family) -> String {
         Family::V4 => format!("meter_{kind}4"),
         Family::V6 => format!("meter_{kind}6"),
     }
+}
+
+/// A refusing rule of the plan and what it refuses: its comment (how the kernel's copy is
+/// found), the route it serves (empty for the guard), the protocol and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub comment: String,
+    pub route: String,
+    pub proto: Proto,
+    pub reason: &'static str,
+}
+
+/// The guard and limit rules of `desired`, for reading their counters back.
+pub fn refusals(desired: &Desired) -> Vec<Refusal> {
+    let mut out = Vec::new();
+    for r in desired.table.chains.iter().flat_map(|c| &c.rules) {
+        let mut proto = None;
+        let mut reason = None;
+        for m in &r.matches {
+            match m {
+                Match::DportIs { proto: p, .. } => proto = Some(*p),
+                Match::TcpSyn => proto = Some(Proto::Tcp),
+                Match::CtUnconfirmed => proto = Some(Proto::Udp),
+                Match::FibDaddrType(_) => reason = Some("self_loop"),
+                Match::OverLimit(l) => {
+                    reason = Some(match l.limit {
+                        Limit::RateOver { .. } => "source_rate",
+                        Limit::CountOver(_) => "source_flows",
+                    })
+                }
+                _ => {}
+            }
+        }
+        let (Some(proto), Some(reason)) = (proto, reason) else {
+            continue;
+        };
+        // Route comments are `etp route NAME: PROTO -> ACTION ...` (`Route::comment`).
+        let route = r
+            .comment
+            .strip_prefix("etp route ")
+            .and_then(|rest| rest.rsplit_once(&format!(": {proto} -> ")))
+            .map(|(name, _)| name.to_string())
+            .unwrap_or_default();
+        out.push(Refusal {
+            comment: r.comment.clone(),
+            route,
+            proto,
+            reason,
+        });
+    }
+    out
 }
 
 /// True for the rules that only serve new flows (tproxy, kernel hand-off, its refusal,

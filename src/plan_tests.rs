@@ -302,3 +302,24 @@ fn proxy_unavailable_refuses_or_goes_direct_in_both_modes() {
         }
     }
 }
+
+#[test]
+fn refusals_name_route_protocol_and_reason_of_every_guard_and_limit_rule() {
+    let cfg = parse(
+        "[[route]]\nname = \"dns-a\"\nprotocols = [\"udp\", \"tcp\"]\n\
+         destinations = [\"10.0.0.0/8\", \"fd00::/64\"]\nports = [53]\naction = \"direct\"\n",
+    );
+    let r = crate::plan::refusals(&plan(&cfg));
+    let has = |route: &str, proto: Proto, reason: &str| {
+        r.iter()
+            .any(|x| x.route == route && x.proto == proto && x.reason == reason)
+    };
+    assert!(has("", Proto::Tcp, "self_loop"));
+    assert!(has("", Proto::Udp, "self_loop"));
+    for proto in [Proto::Tcp, Proto::Udp] {
+        assert!(has("dns-a", proto, "source_rate"));
+        assert!(has("dns-a", proto, "source_flows"));
+    }
+    // 6 guard rules, 2 limit rules per protocol and family.
+    assert_eq!(r.len(), 6 + 2 * 2 * 2);
+}

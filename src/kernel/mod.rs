@@ -187,6 +187,15 @@ impl Kernel {
         Ok(out)
     }
 
+    /// Every rule of etp's table as (comment, packets its counter counted).
+    pub fn rule_packets(&mut self) -> Result<Vec<(String, u64)>, KernelError> {
+        let rules = blocking(|| self.nft.have_rules(TABLE))?;
+        Ok(rules
+            .into_iter()
+            .filter_map(|r| Some((r.comment?, r.packets)))
+            .collect())
+    }
+
     /// Destroys the TIME-WAIT TCP sockets `ours` selects (see `sockdiag`); returns how many.
     pub fn forget_time_wait(
         &mut self,

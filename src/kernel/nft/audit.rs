@@ -360,7 +360,7 @@ impl Nft {
     }
 
     /// Every rule of `table inet NAME` as text (GETRULE dump).
-    fn have_rules(&mut self, name: &str) -> Result<Vec<RuleText>, NftError> {
+    pub fn have_rules(&mut self, name: &str) -> Result<Vec<RuleText>, NftError> {
         let rules = self.dump(
             wire::NFT_MSG_GETRULE,
             &[(NFTA_RULE_TABLE, name)],

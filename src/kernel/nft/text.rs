@@ -32,6 +32,8 @@ pub struct RuleText {
     /// `[ meta load mark => reg 1 ]`, ...; counter values are left out (`[ counter ]`).
     pub exprs: Vec<String>,
     pub comment: Option<String>,
+    /// The packets its counter counted (0 without a counter); never compared.
+    pub packets: u64,
 }
 
 impl RuleText {
@@ -108,6 +110,7 @@ pub fn rule_text(msg: &[u8]) -> Option<RuleText> {
         (chain, handle, comment)
     };
     let mut exprs = Vec::new();
+    let mut packets = 0;
     // SAFETY: the iterator borrows the live rule and is destroyed before it; each expression
     // pointer is only used within the loop iteration.
     unsafe {
@@ -115,7 +118,11 @@ pub fn rule_text(msg: &[u8]) -> Option<RuleText> {
         if !it.is_null() {
             let mut e = sys::nftnl_expr_iter_next(it);
             while !e.is_null() {
-                exprs.push(expr_text(e));
+                let text = expr_text(e);
+                if text == "[ counter ]" {
+                    packets = sys::nftnl_expr_get_u64(e, sys::NFTNL_EXPR_CTR_PACKETS as u16);
+                }
+                exprs.push(text);
                 e = sys::nftnl_expr_iter_next(it);
             }
             sys::nftnl_expr_iter_destroy(it);
@@ -126,6 +133,7 @@ pub fn rule_text(msg: &[u8]) -> Option<RuleText> {
         handle,
         exprs,
         comment,
+        packets,
     })
 }
 
