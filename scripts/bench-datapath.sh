@@ -144,7 +144,6 @@ pid_file = "$WORK/etp.pid"
 drain_seconds = 1
 [limits]
 max_tcp_flows = 20000
-new_flows_per_source_per_second = 0  # the load comes from one client address
 relay = "${2:-adaptive}"
 worker_threads = ${3:-0}
 new_flows_per_source_per_second = ${4:-100000}
