@@ -1,5 +1,7 @@
-//! Hostile traffic against etp's data path alone (issue 8): the kernel ruleset here is the one
-//! without per-source or self-loop rules, so what these tests see is etp's second line.
+//! Hostile traffic against etp's data path alone (issue 8): each test removes the kernel's
+//! self-loop guard and per-source limit rules from the ruleset (`start_etp_alone`; drift
+//! repair is off), so what these tests see is etp's second line. `integration/limits.rs` tests
+//! the kernel's first line.
 //!
 //! Topology from `common::topo`, plus extra client addresses (10.10.1.3 ...) so that one
 //! client namespace plays several sources. Every client call is bounded by a timeout; the only
@@ -13,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::topo::{dig, in_netns, metric, start_etp, sum, topo, Topo};
+use common::topo::{dig, in_netns, metric, start_etp_with, sum, topo, Etp, Opts, Topo};
 use socket2::{Domain, Socket, Type};
 
 /// A direct TCP route to the echo server and a direct UDP route to the DNS server.
@@ -46,6 +48,43 @@ ports = [7001]
 action = "forward"
 forward_to = "10.10.2.1:15001"
 "#;
+
+/// etp with its ruleset minus the kernel's guard and per-source limit rules, and without drift
+/// repair (which would put them back): only etp's own checks stand between a client and etp.
+fn start_etp_alone(router: &common::Netns, body: &str) -> Etp {
+    let opts = Opts {
+        watch_kernel: false,
+        resync_seconds: 3600,
+        ..Opts::default()
+    };
+    let etp = start_etp_with(router, body, opts);
+    let listing = router.nft(&["-a", "list", "chain", "inet", "etp", "prerouting"]);
+    let kernel_line = [
+        "(source rate)",
+        "(source flows)",
+        "for the listener port at a",
+    ];
+    for line in listing.lines() {
+        if kernel_line.iter().any(|k| line.contains(k)) {
+            let handle = line.rsplit("# handle ").next().expect("handle").trim();
+            router.nft(&[
+                "delete",
+                "rule",
+                "inet",
+                "etp",
+                "prerouting",
+                "handle",
+                handle,
+            ]);
+        }
+    }
+    let left = router.nft(&["list", "chain", "inet", "etp", "prerouting"]);
+    assert!(
+        !kernel_line.iter().any(|k| left.contains(k)),
+        "kernel rules left:\n{left}"
+    );
+    etp
+}
 
 fn config(limits: &str) -> String {
     format!("[listener]\nport = 15001\n\n[limits]\n{limits}\n{ROUTES}")
@@ -129,7 +168,7 @@ fn one_answer(src: &str, bound: Duration) -> (Answer, Duration) {
 fn a_connection_to_the_routers_own_listener_is_refused_without_a_loop() {
     require_root!();
     let t = topo();
-    let etp = start_etp(&t.router, &format!("{}{FORWARD_TO_SELF}", config("")));
+    let etp = start_etp_alone(&t.router, &format!("{}{FORWARD_TO_SELF}", config("")));
     // The router's own address on the TPROXY port: no tproxy rule sends it to etp, the
     // wildcard listener takes it directly.
     let out = t.client.try_exec(
@@ -204,7 +243,7 @@ fn a_connection_to_the_routers_own_listener_is_refused_without_a_loop() {
 fn a_datagram_to_the_routers_own_listener_leaves_no_local_socket() {
     require_root!();
     let t = topo();
-    let etp = start_etp(&t.router, &format!("{}{FORWARD_TO_SELF}", config("")));
+    let etp = start_etp_alone(&t.router, &format!("{}{FORWARD_TO_SELF}", config("")));
     // Two to the router's addresses, one intercepted for a route that forwards to etp.
     for dst in ["10.10.1.1/15001", "fd10:1::1/15001", "10.96.0.21/7001"] {
         t.client
@@ -251,7 +290,7 @@ fn a_datagram_to_the_routers_own_listener_leaves_no_local_socket() {
 fn a_multicast_group_someone_else_joined_does_not_reach_etp() {
     require_root!();
     let t = topo();
-    let etp = start_etp(&t.router, &config(""));
+    let etp = start_etp_alone(&t.router, &config(""));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let member = in_netns(&t.router.name, move || {
         let s = Socket::new(Domain::IPV4, Type::DGRAM, None).expect("socket");
@@ -292,7 +331,7 @@ fn one_source_over_its_share_is_refused_and_others_are_served() {
     require_root!();
     let t = topo();
     client_addrs(&t, &[3, 4]);
-    let etp = start_etp(&t.router, &config("max_tcp_flows_per_source = 20"));
+    let etp = start_etp_alone(&t.router, &config("max_tcp_flows_per_source = 20"));
     let ns = t.client.name.clone();
     let (noisy, other, kept) = in_netns(&ns, || {
         let bound = Duration::from_secs(1);
@@ -333,7 +372,7 @@ fn a_saturated_etp_answers_a_new_source_at_once() {
     require_root!();
     let t = topo();
     client_addrs(&t, &[3, 4, 5, 6]);
-    let etp = start_etp(
+    let etp = start_etp_alone(
         &t.router,
         &config("max_tcp_flows = 20\nmax_tcp_flows_per_source = 0"),
     );
@@ -379,7 +418,7 @@ fn a_udp_flood_from_one_source_does_not_starve_another() {
     require_root!();
     let t = topo();
     client_addrs(&t, &[3, 4]);
-    let etp = start_etp(
+    let etp = start_etp_alone(
         &t.router,
         &config(&std::env::var("FLOODCFG").unwrap_or_default()),
     );
