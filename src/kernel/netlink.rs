@@ -8,12 +8,16 @@
 //! - [`NlSocket`]: bound to a kernel-chosen port id, extended and capped acks on, receive and
 //!   send buffers sized on demand (the `*BUFFORCE` options), reads with a deadline, and only
 //!   what the kernel (port id 0) sent: a datagram from any other sender is skipped and logged.
+//!   A netlink-sys socket for most conversations; for nf_tables requests a libmnl socket (the
+//!   `mnl` crate, beside `nftnl`) that opens, binds and sends, read through netlink-sys
+//!   ([`NlSocket::open_mnl`]).
 //!
 //! Layout reminders (all native endian unless noted): `nlmsghdr` {len u32, type u16, flags u16,
 //! seq u32, pid u32}, for nfnetlink then `nfgenmsg` {family u8, version u8, res_id be16}, then
 //! attributes {len u16, type u16, payload, padding to 4}.
 
-use std::io::{self, IoSlice};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::time::Duration;
 
 use nix::sys::socket::{setsockopt, sockopt};
@@ -316,19 +320,54 @@ impl Replies {
 /// kernel-chosen port id, with extended acks (the offending attribute's offset) and capped
 /// acks (errors echo only the request's header) turned on.
 pub struct NlSocket {
+    /// Options and reads (with the sender's port id) go through netlink-sys.
     sock: Socket,
+    /// For nf_tables: libmnl's socket, which opened the kernel socket that `sock` reads through
+    /// a duplicate descriptor of; requests are sent with it.
+    mnl: Option<Mnl>,
     rcvbuf: usize,
     sndbuf: usize,
 }
+
+/// libmnl's socket (`mnl::Socket`), owned by one [`NlSocket`].
+struct Mnl(mnl::Socket);
+
+// SAFETY: `mnl::Socket` is !Send only because it holds a raw pointer to libmnl's
+// `struct mnl_socket` (a descriptor and the bound address, allocated by mnl_socket_open and
+// freed by mnl_socket_close on drop). libmnl keeps no per-thread or global state for it and
+// its calls are plain syscalls on the descriptor, so it may be used and dropped on any thread.
+// `Mnl` owns it exclusively: the pointer is never copied out or shared, and `Mnl` is not Sync.
+unsafe impl Send for Mnl {}
 
 impl NlSocket {
     pub fn open(protocol: isize) -> io::Result<NlSocket> {
         let mut sock = Socket::new(protocol)?;
         sock.bind_auto()?;
+        NlSocket::configure(sock, None)
+    }
+
+    /// A socket on `bus` opened and bound (kernel-chosen port id) by libmnl, which also sends
+    /// every request; options and reads go through netlink-sys on a duplicate of its
+    /// descriptor (the same kernel socket), so acks, buffers, deadlines and the kernel-only
+    /// sender check are the same as for [`NlSocket::open`]. (libmnl's own recvfrom reports no
+    /// sender and cannot skip the wait.)
+    pub fn open_mnl(bus: mnl::Bus) -> io::Result<NlSocket> {
+        let mnl = mnl::Socket::new(bus)?;
+        // SAFETY: the descriptor is the mnl socket's, open while `mnl` lives (this function);
+        // it is only duplicated here.
+        let dup = unsafe { BorrowedFd::borrow_raw(mnl.as_raw_fd()) }.try_clone_to_owned()?;
+        // SAFETY: `dup` is an open netlink socket descriptor owned by no one else (a fresh
+        // F_DUPFD_CLOEXEC duplicate); netlink-sys takes it over and closes it on drop.
+        let sock = unsafe { Socket::from_raw_fd(dup.into_raw_fd()) };
+        NlSocket::configure(sock, Some(Mnl(mnl)))
+    }
+
+    fn configure(sock: Socket, mnl: Option<Mnl>) -> io::Result<NlSocket> {
         sock.set_ext_ack(true)?;
         sock.set_cap_ack(true)?;
         Ok(NlSocket {
             sock,
+            mnl,
             rcvbuf: 0,
             sndbuf: 0,
         })
@@ -349,7 +388,7 @@ impl NlSocket {
     }
 
     /// Raises the send buffer to at least `bytes` (`SO_SNDBUFFORCE`): a batch goes out in one
-    /// `sendmsg`, which fails with EMSGSIZE beyond the buffer.
+    /// datagram, whose send fails with EMSGSIZE beyond the buffer.
     pub fn ensure_sndbuf(&mut self, bytes: usize) -> io::Result<()> {
         if bytes > self.sndbuf {
             setsockopt(
@@ -362,14 +401,12 @@ impl NlSocket {
         Ok(())
     }
 
-    /// Sends one request (to the kernel).
+    /// Sends one datagram (one skb: an nf_tables batch must arrive whole) to the kernel.
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        self.sock.send(buf, 0)
-    }
-
-    /// Sends `parts` in one `sendmsg` (one skb: an nf_tables batch must arrive whole).
-    pub fn send_vectored(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
-        SockRef::from(&self.sock).send_vectored(parts)
+        match &self.mnl {
+            Some(Mnl(mnl)) => mnl.send(buf),
+            None => self.sock.send(buf, 0),
+        }
     }
 
     /// Receives one datagram the kernel sent into `buf` (replacing its contents), waiting at
@@ -463,11 +500,17 @@ mod tests {
     }
 
     /// Another process can send to etp's netlink port (as root, or where the protocol lets
-    /// anyone send): its datagram must not be read as the kernel's answer.
+    /// anyone send): its datagram must not be read as the kernel's answer, whichever socket
+    /// (netlink-sys's, or libmnl's for nf_tables) etp reads from.
     #[test]
     fn a_datagram_from_another_process_is_skipped() {
         use rtnetlink::sys::protocols::NETLINK_NETFILTER;
-        let ours = NlSocket::open(NETLINK_NETFILTER).expect("netlink socket");
+        skips_other_senders(NlSocket::open(NETLINK_NETFILTER).expect("netlink socket"));
+        skips_other_senders(NlSocket::open_mnl(mnl::Bus::Netfilter).expect("mnl socket"));
+    }
+
+    fn skips_other_senders(ours: NlSocket) {
+        use rtnetlink::sys::protocols::NETLINK_NETFILTER;
         let mut addr = SocketAddr::new(0, 0);
         ours.sock.get_address(&mut addr).expect("our address");
         let mut other = Socket::new(NETLINK_NETFILTER).expect("netlink socket");
@@ -491,5 +534,27 @@ mod tests {
             matches!(&r, Err(e) if is_timeout(e)),
             "a process's datagram was read as the kernel's: {r:?} {buf:?}"
         );
+    }
+
+    /// libmnl sends, netlink-sys reads the same kernel socket: a request sent with mnl is
+    /// answered and its reply and ack are read back.
+    #[test]
+    fn an_mnl_socket_sends_and_reads_its_ack() {
+        let sock = NlSocket::open_mnl(mnl::Bus::Netfilter).expect("mnl socket");
+        // NFT_MSG_GETGEN (subsystem nf_tables 10, message 16) with an ack.
+        let mut req = Vec::new();
+        let m = begin_nfgen(&mut req, (10 << 8) | 16, NLM_F_ACK, 7, 0, 0);
+        end_msg(&mut req, m);
+        assert_eq!(sock.send(&req).expect("send"), req.len());
+        let mut replies = Replies::new(7, false);
+        let mut buf = Vec::with_capacity(4096);
+        for _ in 0..4 {
+            sock.recv(&mut buf, Duration::from_secs(2)).expect("reply");
+            if let Some(r) = replies.feed(&buf) {
+                assert!(matches!(&r, Replied::Done(v) if v.len() == 1), "{r:?}");
+                return;
+            }
+        }
+        panic!("no ack for GETGEN");
     }
 }

@@ -17,7 +17,7 @@ pub struct ApplyReport {
     pub generation: u32,
     /// Messages sent, BEGIN and END included.
     pub messages: usize,
-    /// Bytes sent in the one `sendmsg`.
+    /// Bytes sent in the one datagram.
     pub bytes: usize,
 }
 

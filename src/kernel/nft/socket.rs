@@ -2,9 +2,10 @@
 //! with its acks collected (`apply` and `audit` build on it).
 //!
 //! Kernel behaviour this code is built around (measured; NOTES.md, "Kernel facts measured here"):
-//! - A batch commits only if BEGIN and END arrive in the same skb: the whole batch goes out in
-//!   ONE `sendmsg` (iovecs BEGIN, body, END), with SO_SNDBUFFORCE raised to its size.
-//! - nfnetlink processes a batch synchronously inside `sendmsg`: when it returns, every reply is
+//! - A batch commits only if BEGIN and END arrive in the same skb: the whole batch goes out as
+//!   ONE datagram (BEGIN, body, END in one buffer, one libmnl send), with SO_SNDBUFFORCE raised
+//!   to its size. (`mnl::Socket::send_all` would send each part as its own skb.)
+//! - nfnetlink processes a batch synchronously inside the send: when it returns, every reply is
 //!   already queued. Reads are still bounded by a timeout so that nothing can hang.
 //! - Since 6.10 BEGIN and END are acked too, but END is never acked when the batch fails, so we
 //!   never wait for it after an error. Success is "END acked" or "every body message acked".
@@ -13,10 +14,8 @@
 //!   generation id to decide whether the batch committed.
 //! - The expected generation id on BEGIN makes the batch a compare-and-swap (ERESTART).
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::time::{Duration, Instant};
-
-use rtnetlink::sys::protocols::NETLINK_NETFILTER;
 
 use super::error::NftError;
 use super::wire;
@@ -32,8 +31,8 @@ const RECV_CHUNK: usize = 256 * 1024;
 /// How often an interrupted dump (`NLM_F_DUMP_INTR`) is retried before giving up.
 const DUMP_ATTEMPTS: usize = 3;
 
-/// An nf_tables netlink socket (NETLINK_NETFILTER), bound to the network namespace of the
-/// thread that opened it.
+/// An nf_tables netlink socket (NETLINK_NETFILTER, opened and sent through libmnl), bound to
+/// the network namespace of the thread that opened it.
 pub struct Nft {
     sock: NlSocket,
     seq: u32,
@@ -53,7 +52,7 @@ pub(super) enum BatchVerdict {
 impl Nft {
     /// Opens and configures the socket (extended acks, capped acks, a 1 MiB receive buffer).
     pub fn open() -> Result<Nft, NftError> {
-        let mut sock = NlSocket::open(NETLINK_NETFILTER).map_err(NftError::Open)?;
+        let mut sock = NlSocket::open_mnl(mnl::Bus::Netfilter).map_err(NftError::Open)?;
         sock.ensure_rcvbuf(MIN_RCVBUF)
             .map_err(|source| NftError::SockOpt {
                 option: "SO_RCVBUFFORCE",
@@ -106,7 +105,7 @@ impl Nft {
         Err(NftError::Malformed { what: "GETGEN" })
     }
 
-    /// Sends BEGIN..END in one sendmsg and collects the verdict from the acks.
+    /// Sends BEGIN..END as one datagram and collects the verdict from the acks.
     pub(super) fn send_batch(
         &mut self,
         parts: &[&[u8]],
@@ -127,20 +126,19 @@ impl Nft {
                 option: "SO_RCVBUFFORCE",
                 source,
             })?;
-        let iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        let sent = self
-            .sock
-            .send_vectored(&iov)
-            .map_err(|source| NftError::Send {
-                what: "batch",
-                bytes,
-                source,
-            })?;
+        // One buffer, one datagram, one skb: the kernel commits a batch only if BEGIN and END
+        // arrive together (one copy of the batch, small next to encoding it).
+        let batch = parts.concat();
+        let sent = self.sock.send(&batch).map_err(|source| NftError::Send {
+            what: "batch",
+            bytes,
+            source,
+        })?;
         if sent != bytes {
             return Err(NftError::Send {
                 what: "batch",
                 bytes,
-                source: io::Error::other(format!("sendmsg sent {sent} of {bytes} bytes")),
+                source: io::Error::other(format!("sent {sent} of {bytes} bytes")),
             });
         }
 
@@ -152,7 +150,7 @@ impl Nft {
         let deadline = Instant::now() + self.timeout;
         loop {
             // After an error every reply is already queued (batches are processed inside
-            // sendmsg): drain without waiting, END will not come.
+            // the send): drain without waiting, END will not come.
             let wait = if errors.is_empty() {
                 deadline.saturating_duration_since(Instant::now())
             } else {
