@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::topo::{
-    curl, dig, kit, kit_ok, metric, standin_lines, start_etp, start_standin, stop_etp, sum, topo,
-    wait_listening,
+    curl, dig, handoff_exchanges, kit, kit_ok, metric, standin_lines, start_etp, start_standin,
+    stop_etp, sum, topo, wait_listening, HANDOFF_DESTINATIONS,
 };
 use common::{Netns, TempFile};
 
@@ -100,58 +100,33 @@ fn linkerd_handoff_keeps_the_original_destination() {
     let _standin = start_standin(&t.router, &log);
     let etp = start_etp(&t.router, &cfg(false));
 
-    // HTTP through etp -> stand-in -> server: the server's real answer, IPv4 and IPv6. The
-    // server sees the stand-in's connection from the router (10.10.2.1 / fd10:2::1).
-    let body = curl(&t.client, "http://10.96.0.10:8080/");
-    assert!(
-        body.starts_with("hello from 10.96.0.10:8080 to 10.10.2.1:"),
-        "{body}"
-    );
-    let body = curl(&t.client, "http://[fd00:10:96::a]:8080/");
-    assert!(
-        body.starts_with("hello from [fd00:10:96::a]:8080 to [fd10:2::1]:"),
-        "{body}"
-    );
-
-    // A raw, non-HTTP exchange passes unchanged.
-    let raw = "\u{1}\u{2}not http at all\r\n\r\n\u{7f}";
-    assert_eq!(kit_ok(&t.client, &["echo", "10.96.0.10:7001", raw]), raw);
-    // Server speaks first: the banner arrives although the client sends nothing.
-    let b = kit_ok(&t.client, &["banner", "[fd00:10:96::a]:7002"]);
-    assert!(b.starts_with("banner from [fd00:10:96::a]:7002"), "{b}");
-    // Half-close: the client shuts its write side; the answer comes after the server's EOF.
-    let up = kit_ok(&t.client, &["upload", "10.96.0.10:7003", "100000"]);
-    assert!(up.starts_with("ok len=100000"), "{up}");
+    handoff_exchanges(&t.client);
 
     let m = stop_etp(etp);
     let lines = standin_lines(&log);
-    for want in [
-        "orig_dst=10.96.0.10:8080",
-        "orig_dst=[fd00:10:96::a]:8080",
-        "orig_dst=10.96.0.10:7001",
-        "orig_dst=[fd00:10:96::a]:7002",
-        "orig_dst=10.96.0.10:7003",
-    ] {
+    for dst in HANDOFF_DESTINATIONS {
+        let want = format!("orig_dst={dst} ");
         assert!(
             lines
                 .iter()
-                .any(|l| l.starts_with(want) && l.ends_with("uid=2102")),
+                .any(|l| l.starts_with(&want) && l.ends_with("uid=2102")),
             "stand-in did not see {want}: {lines:?}"
         );
     }
-    // No loop: five client connections, five hand-offs, none dropped; the stand-in's own
+    // No loop: one hand-off per client connection, none dropped; the stand-in's own
     // upstream connections were not intercepted again.
-    assert_eq!(lines.len(), 5, "{lines:?}");
+    let n = HANDOFF_DESTINATIONS.len() as u64;
+    assert_eq!(lines.len() as u64, n, "{lines:?}");
     assert!(!lines.iter().any(|l| l.starts_with("dropped")), "{lines:?}");
     assert_eq!(
         metric(
             &m,
             r#"etp_flows_total{route="mesh",action="linkerd",proto="tcp"}"#
         ),
-        5,
+        n,
         "{m}"
     );
-    assert_eq!(sum(&m, "etp_flows_total{"), 5, "no other flows: {m}");
+    assert_eq!(sum(&m, "etp_flows_total{"), n, "no other flows: {m}");
     assert!(!m.contains("etp_upstream_errors_total{"), "{m}");
 }
 

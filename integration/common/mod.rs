@@ -6,6 +6,7 @@
 //! runs them.
 #![allow(dead_code)]
 
+pub mod linkerd_proxy;
 pub mod load;
 pub mod topo;
 

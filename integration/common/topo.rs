@@ -261,14 +261,7 @@ impl Etp {
 
     /// `GET PATH` on the admin endpoint: (HTTP code, body); code 0 when nothing answered.
     pub fn get(&self, path: &str) -> (u16, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "curl", "-sS", "--max-time", "5"])
-            .args(["-w", "\n%{http_code}", &format!("http://{ADMIN}{path}")])
-            .output()
-            .expect("spawn curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        (code.trim().parse().unwrap_or(0), body.to_string())
+        http_get(&self.ns, &format!("http://{ADMIN}{path}"))
     }
 
     pub fn metrics(&self) -> String {
@@ -343,6 +336,19 @@ impl Etp {
         });
         (out.status, t0.elapsed())
     }
+}
+
+/// `GET URL` with curl inside namespace `ns` (5 s at most): (HTTP code, body); code 0 when
+/// nothing answered.
+pub fn http_get(ns: &str, url: &str) -> (u16, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-sS", "--max-time", "5"])
+        .args(["-w", "\n%{http_code}", url])
+        .output()
+        .expect("spawn curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 /// The sum of the UDP `etp_flows_active` samples (UDP flows stay until their idle timeout).
@@ -449,6 +455,49 @@ pub fn curl(ns: &Netns, url: &str) -> String {
     ns.exec("curl", &["-sS", "-g", "--max-time", "10", url])
         .trim()
         .to_string()
+}
+
+/// The original destinations `handoff_exchanges` connects to, one connection each.
+pub const HANDOFF_DESTINATIONS: [&str; 7] = [
+    "10.96.0.10:8080",
+    "[fd00:10:96::a]:8080",
+    "10.96.0.10:7001",
+    "[fd00:10:96::a]:7001",
+    "10.96.0.10:7002",
+    "[fd00:10:96::a]:7002",
+    "10.96.0.10:7003",
+];
+
+/// What a `linkerd` route for 10.96.0.10 / fd00:10:96::a must carry, from the client, through
+/// whatever listens on the hand-off port (the stand-in or the real proxy): one connection to
+/// each of `HANDOFF_DESTINATIONS`. Panics on the first exchange that fails.
+pub fn handoff_exchanges(client: &Netns) {
+    // HTTP, IPv4 and IPv6: the server's real answer names the original destination; it sees
+    // the proxy's own connection from the router (10.10.2.1 / fd10:2::1).
+    let body = curl(client, "http://10.96.0.10:8080/");
+    assert!(
+        body.starts_with("hello from 10.96.0.10:8080 to 10.10.2.1:"),
+        "{body}"
+    );
+    let body = curl(client, "http://[fd00:10:96::a]:8080/");
+    assert!(
+        body.starts_with("hello from [fd00:10:96::a]:8080 to [fd10:2::1]:"),
+        "{body}"
+    );
+    // A raw, non-HTTP exchange (the seed's `nc` check) passes unchanged.
+    let raw = "\u{1}\u{2}not http at all\r\n\r\n\u{7f}";
+    assert_eq!(kit_ok(client, &["echo", "10.96.0.10:7001", raw]), raw);
+    assert_eq!(kit_ok(client, &["echo", "[fd00:10:96::a]:7001", raw]), raw);
+    // Server speaks first: the banner arrives although the client sends nothing. (The real
+    // proxy connects upstream only when protocol detection gives up: after its detect
+    // timeout, 10 s by default.)
+    for dst in ["10.96.0.10:7002", "[fd00:10:96::a]:7002"] {
+        let b = kit_ok(client, &["banner", dst]);
+        assert!(b.starts_with(&format!("banner from {dst}")), "{b}");
+    }
+    // Half-close: the client shuts its write side; the answer comes after the server's EOF.
+    let up = kit_ok(client, &["upload", "10.96.0.10:7003", "100000"]);
+    assert!(up.starts_with("ok len=100000"), "{up}");
 }
 
 /// `dig +short` against `server` (through etp); dig itself rejects replies from another source.

@@ -1,0 +1,91 @@
+//! etp's hand-off against a real linkerd2-proxy, not the stand-in: client ns -- router ns (etp,
+//! linkerd2-proxy as uid 2102, a fake control plane on loopback) -- server ns.
+//!
+//! Needs `ETP_LINKERD2_PROXY` (a linkerd2-proxy binary) and `ETP_LINKERD_CONTROL` (the fake
+//! control plane, `integration/linkerd-control`); `make test-linkerd` builds the second and
+//! sets both. Without them each test prints why it was skipped and passes.
+//!
+//! The control plane answers `NotFound` to every outbound policy lookup, so the proxy forwards
+//! each connection to its original destination (after protocol detection); the assertions
+//! are the client's answers, the proxy's own metrics (`tcp_open_total` by `target_addr`) and
+//! the policy lookups the control plane saw, both naming the client's original destination.
+
+mod common;
+
+use common::linkerd_proxy::{binaries, outbound_opens, RealProxy};
+use common::topo::{
+    handoff_exchanges, metric, start_etp, stop_etp, topo, Topo, HANDOFF_DESTINATIONS,
+};
+
+const CFG: &str = r#"
+[listener]
+port = 15001
+ipv6 = true
+
+[limits]
+connect_timeout_ms = 2000
+
+[[route]]
+name = "mesh"
+protocols = ["tcp"]
+destinations = ["10.96.0.10/32", "fd00:10:96::a/128"]
+ports = ["1-65535"]
+action = "linkerd"
+"#;
+
+/// The binaries, or return from the test after saying why it was skipped.
+macro_rules! require_real_proxy {
+    () => {
+        match binaries() {
+            Ok(b) => b,
+            Err(why) => {
+                eprintln!("skipped: needs a real linkerd2-proxy: {why}");
+                return;
+            }
+        }
+    };
+}
+
+/// The hand-off exchanges through etp and the proxy, then what the proxy and its control
+/// plane saw: one outbound connection per original destination, and a policy lookup for it.
+fn exchanges_through_the_proxy(t: &Topo, proxy: &RealProxy) {
+    handoff_exchanges(&t.client);
+
+    let m = proxy.metrics();
+    let lines = proxy.control_lines();
+    for dst in HANDOFF_DESTINATIONS {
+        let seen: Vec<&str> = m.lines().filter(|l| l.contains(dst)).collect();
+        assert_eq!(
+            outbound_opens(&m, dst),
+            1,
+            "the proxy's outbound listener did not count one connection to {dst}: {seen:#?}"
+        );
+        let asked = format!("policy target={dst} ");
+        assert!(
+            lines.iter().any(|l| l.starts_with(&asked)),
+            "the proxy asked no policy for {dst}: {lines:#?}"
+        );
+    }
+}
+
+#[test]
+fn relay_handoff_reaches_the_real_proxy_with_the_original_destination() {
+    require_root!();
+    let bins = require_real_proxy!();
+    let t = topo();
+    let proxy = RealProxy::start(&t.router, &bins);
+    let etp = start_etp(&t.router, CFG);
+
+    exchanges_through_the_proxy(&t, &proxy);
+
+    let m = stop_etp(etp);
+    assert_eq!(
+        metric(
+            &m,
+            r#"etp_flows_total{route="mesh",action="linkerd",proto="tcp"}"#
+        ),
+        HANDOFF_DESTINATIONS.len() as u64,
+        "{m}"
+    );
+    assert!(!m.contains("etp_upstream_errors_total{"), "{m}");
+}
