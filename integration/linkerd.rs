@@ -14,7 +14,7 @@ mod common;
 
 use common::linkerd_proxy::{binaries, outbound_opens, RealProxy};
 use common::topo::{
-    handoff_exchanges, metric, start_etp, stop_etp, topo, Topo, HANDOFF_DESTINATIONS,
+    curl, handoff_exchanges, kit_ok, metric, start_etp, stop_etp, topo, Topo, HANDOFF_DESTINATIONS,
 };
 
 const CFG: &str = r#"
@@ -88,4 +88,45 @@ fn relay_handoff_reaches_the_real_proxy_with_the_original_destination() {
         "{m}"
     );
     assert!(!m.contains("etp_upstream_errors_total{"), "{m}");
+}
+
+/// With `local = true` etp also intercepts connections that start on the node itself, and
+/// the real proxy's own connections (uid 2102: its upstream legs and its control-plane
+/// calls) must not be intercepted again; and a burst of concurrent hand-offs all arrive.
+#[test]
+fn local_traffic_and_a_burst_reach_the_real_proxy() {
+    require_root!();
+    let bins = require_real_proxy!();
+    let t = topo();
+    let proxy = RealProxy::start(&t.router, &bins);
+    let etp = start_etp(
+        &t.router,
+        &CFG.replace("ipv6 = true", "ipv6 = true\nlocal = true"),
+    );
+
+    // From the router namespace itself (the node), IPv4 and IPv6.
+    let body = curl(&t.router, "http://10.96.0.10:8080/");
+    assert!(body.starts_with("hello from 10.96.0.10:8080"), "{body}");
+    let raw = "\u{1}node\r\nnot http";
+    assert_eq!(
+        kit_ok(&t.router, &["echo", "[fd00:10:96::a]:7001", raw]),
+        raw
+    );
+    // 200 connections open at once from the client, each echoing a line.
+    kit_ok(&t.client, &["many", "10.96.0.10:7001", "200"]);
+
+    let m = proxy.metrics();
+    assert_eq!(outbound_opens(&m, "10.96.0.10:8080"), 1, "{m}");
+    assert_eq!(outbound_opens(&m, "[fd00:10:96::a]:7001"), 1, "{m}");
+    assert_eq!(outbound_opens(&m, "10.96.0.10:7001"), 200, "{m}");
+    let em = stop_etp(etp);
+    // Exactly the 202 client connections: none of the proxy's own was intercepted again.
+    assert_eq!(
+        metric(
+            &em,
+            r#"etp_flows_total{route="mesh",action="linkerd",proto="tcp"}"#
+        ),
+        202,
+        "{em}"
+    );
 }
