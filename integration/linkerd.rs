@@ -130,3 +130,59 @@ fn local_traffic_and_a_burst_reach_the_real_proxy() {
         "{em}"
     );
 }
+
+/// The `LINKERD2_PROXY_*` variables that deploy/kubernetes/linkerd-node-proxy.yaml gives the
+/// node proxy as literal values, with Kubernetes' `$(VAR)` references expanded as for a pod
+/// `linkerd-node-proxy-t` of service account `linkerd-node-proxy` in `etp-system`.
+fn daemonset_proxy_env() -> Vec<(String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/kubernetes/linkerd-node-proxy.yaml");
+    let text = std::fs::read_to_string(&path).expect("read the node proxy manifest");
+    let mut vars = Vec::new();
+    let mut name: Option<&str> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(n) = line.strip_prefix("- name: ") {
+            name = Some(n);
+            continue;
+        }
+        // `value:` right after its `name:`; `valueFrom:` entries are left out.
+        if let (Some(n), Some(v)) = (name.take(), line.strip_prefix("value: ")) {
+            if n.starts_with("LINKERD2_PROXY_") {
+                let v = v.trim_matches(|c| c == '"' || c == '\'');
+                let v = v
+                    .replace("$(_pod_ns)", "etp-system")
+                    .replace("$(_pod_name)", "linkerd-node-proxy-t")
+                    .replace("$(_pod_nodeName)", "node-1")
+                    .replace("$(_pod_sa)", "linkerd-node-proxy");
+                vars.push((n.to_string(), v));
+            }
+        }
+    }
+    vars
+}
+
+/// The node proxy's environment as deploy/kubernetes ships it (cluster networks, profile
+/// networks, a `deny` inbound default, its listen addresses) is accepted by the real proxy and
+/// carries etp's hand-off; only the control plane's addresses and the identity documents are
+/// the test's.
+#[test]
+fn the_shipped_node_proxy_environment_carries_the_handoff() {
+    require_root!();
+    let bins = require_real_proxy!();
+    let env = daemonset_proxy_env();
+    let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    // The manifest's identity is the one the fake control plane certifies.
+    assert_eq!(
+        get("LINKERD2_PROXY_IDENTITY_LOCAL_NAME"),
+        Some(common::linkerd_proxy::LOCAL_NAME),
+        "{env:#?}"
+    );
+    assert!(env.len() >= 15, "too few variables parsed: {env:#?}");
+    let t = topo();
+    // The kubelet's probes (and Prometheus) reach the admin server at the node's address.
+    let proxy = RealProxy::start_with(&t.router, &bins, &env, "10.10.2.1:4191");
+    let etp = start_etp(&t.router, CFG);
+
+    exchanges_through_the_proxy(&t, &proxy);
+    stop_etp(etp);
+}

@@ -23,6 +23,10 @@
 #   kernel-nat      the reference for etp-kernel: a hand-written `dnat to 169.254.15.1:4140` in
 #                   nat prerouting to the same stand-in on a hand-off interface, no etp at all
 #                   (what an operator could write instead); measured: the stand-in
+#   etp-l2p         etp-linkerd with a real linkerd2-proxy in place of the stand-in (only with
+#                   BENCH_LINKERD2_PROXY; etp and the proxy are measured together)
+#   etp-l2p-kernel  etp-kernel with the real proxy (measured: etp and the proxy)
+#   l2p-nat         kernel-nat with the real proxy: no etp (measured: the proxy)
 #
 # The peers get the very ruleset etp installs (`etp render` loaded with nft -f, plus the same
 # `ip rule fwmark` / `ip route local` pair), so only the user-space program differs between rows.
@@ -40,12 +44,23 @@
 # Usage: scripts/bench-datapath.sh [path/to/etp]   (root; IPv4; traffic only inside the namespaces)
 # Env: BENCH_SECS (per run, default 5), BENCH_ROUNDS (default 3), BENCH_ROWS (default: all rows
 # above), BENCH_TSV (copy of the raw results), BENCH_CONNS (idle connections, default 1000),
-# BENCH_PHASES (default "tcp1 tcp4 ka close sys udp idle": a subset for quicker experiments).
+# BENCH_PHASES (default "tcp1 tcp4 ka close sys udp idle": a subset for quicker experiments),
+# BENCH_LINKERD2_PROXY and BENCH_LINKERD_CONTROL (a linkerd2-proxy binary and the fake control
+# plane from integration/linkerd-control: adds the rows etp-l2p and l2p-nat).
 set -euo pipefail
 ETP=$(realpath "${1:-target/release/etp}")
 EX="$(dirname "$ETP")/examples"
 SECS=${BENCH_SECS:-5}
-ROWS=${BENCH_ROWS:-routing etp etp-nolimits etp-2t etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd etp-kernel kernel-nat}
+L2P=${BENCH_LINKERD2_PROXY:-}
+L2PC=${BENCH_LINKERD_CONTROL:-}
+L2P_ROWS=""
+if [ -n "$L2P" ]; then
+  if [ ! -x "$L2P" ] || [ ! -x "$L2PC" ]; then
+    echo "bench: BENCH_LINKERD2_PROXY and BENCH_LINKERD_CONTROL must be executables"; exit 2
+  fi
+  L2P_ROWS=" etp-l2p etp-l2p-kernel l2p-nat"
+fi
+ROWS=${BENCH_ROWS:-routing etp etp-nolimits etp-2t etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd etp-kernel kernel-nat$L2P_ROWS}
 CONNS=${BENCH_CONNS:-1000}
 ROUNDS=${BENCH_ROUNDS:-3}
 PHASES=" ${BENCH_PHASES:-tcp1 tcp4 ka close sys udp idle} "
@@ -183,6 +198,12 @@ table ip bench_nat {
   }
 }
 EOF
+handoff_by_hand() { # kernel-nat's hand-off interface (dummy, or ifb without dummy, as etp does)
+  nsx "$R" ip link add bench-ho type dummy 2>/dev/null || nsx "$R" ip link add bench-ho type ifb
+  nsx "$R" ip link set bench-ho up
+  nsx "$R" ip addr add "$HANDOFF/32" dev bench-ho
+  nsx "$R" nft -f "$WORK/kernel-nat.nft"
+}
 standin() { # the Linkerd stand-in as the proxy's uid, listening on the hand-off address too
   ip netns exec "$R" setpriv --reuid=2102 --regid=2102 --clear-groups "$EX/linkerd-standin" --log /dev/null \
     --listen "$HANDOFF" >"$WORK/standin.log" 2>&1 &
@@ -247,7 +268,30 @@ os.environ["NGINX"] = "%d;" % s.fileno()
 os.execvp(sys.argv[2], sys.argv[2:])
 EOF
 
-IPID="" PIDS=""
+# A real linkerd2-proxy in $R as uid 2102, with the fake control plane on 127.0.0.1:8090 (the
+# same settings as integration/common/linkerd_proxy.rs); $1 = its outbound listen addresses.
+# Sets L2PID; waits (bounded) for its /ready.
+start_l2p() {
+  local d="$WORK/l2p" name=linkerd-node-proxy.etp-system.serviceaccount.identity.linkerd.cluster.local
+  rm -rf "$d"; mkdir -p "$d"; chmod 755 "$d"
+  ip netns exec "$R" "$L2PC" --dir "$d" --name "$name" --listen 127.0.0.1:8090 --log "$d/control.log" \
+    >"$d/control.err" 2>&1 &
+  waitfor 100 test -e "$d/ready" || { cat "$d/control.err"; echo "bench: control plane did not start"; return 1; }
+  ip netns exec "$R" env LINKERD2_PROXY_LOG=warn \
+    LINKERD2_PROXY_DESTINATION_SVC_ADDR=127.0.0.1:8090 LINKERD2_PROXY_POLICY_SVC_ADDR=127.0.0.1:8090 \
+    LINKERD2_PROXY_POLICY_WORKLOAD='{"ns":"etp-system","pod":"etp"}' \
+    LINKERD2_PROXY_IDENTITY_SVC_ADDR=127.0.0.1:8090 LINKERD2_PROXY_IDENTITY_DIR="$d/id" \
+    LINKERD2_PROXY_IDENTITY_TOKEN_FILE="$d/token" LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS="$(cat "$d/ca.pem")" \
+    LINKERD2_PROXY_IDENTITY_LOCAL_NAME="$name" LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS="$1" \
+    LINKERD2_PROXY_INBOUND_LISTEN_ADDR=127.0.0.1:4143 LINKERD2_PROXY_CONTROL_LISTEN_ADDR=127.0.0.1:4190 \
+    LINKERD2_PROXY_ADMIN_LISTEN_ADDR=127.0.0.1:4191 LINKERD2_PROXY_OUTBOUND_DETECT_TIMEOUT=1s \
+    setpriv --reuid=2102 --regid=2102 --clear-groups "$L2P" >"$d/proxy.log" 2>&1 &
+  L2PID=$!
+  waitfor 600 nsx "$R" curl -sf --max-time 1 http://127.0.0.1:4191/ready \
+    || { tail -20 "$d/proxy.log"; echo "bench: linkerd2-proxy not ready"; return 1; }
+}
+
+IPID="" PIDS="" L2PID=""
 # Interceptors start with `ip netns exec` itself in the background (not the nsx function), so that
 # $! is the interceptor's own pid: ip, env, setpriv and the Python helper all exec.
 start_row() { # $1 = row; sets IPID (main pid) and PIDS (all processes measured)
@@ -267,11 +311,7 @@ start_row() { # $1 = row; sets IPID (main pid) and PIDS (all processes measured)
       ip netns exec "$R" env RUST_LOG=etp=info "$ETP" run -c "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
       IPID=$! ;;
     kernel-nat)
-      # The hand-off interface by hand (dummy, or ifb on kernels without dummy, as etp does).
-      nsx "$R" ip link add bench-ho type dummy 2>/dev/null || nsx "$R" ip link add bench-ho type ifb
-      nsx "$R" ip link set bench-ho up
-      nsx "$R" ip addr add "$HANDOFF/32" dev bench-ho
-      nsx "$R" nft -f "$WORK/kernel-nat.nft"
+      handoff_by_hand
       standin || return 1
       for pid in $(ip netns pids "$R"); do
         [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = linkerd-standin ] && IPID=$pid
@@ -279,6 +319,26 @@ start_row() { # $1 = row; sets IPID (main pid) and PIDS (all processes measured)
       PIDS="$IPID"
       sleep 1
       log "$1: measuring pids $PIDS ($(cat /proc/$IPID/comm))"
+      return 0 ;;
+    etp-l2p)
+      start_l2p "127.0.0.1:4140" || return 1
+      ip netns exec "$R" env RUST_LOG=etp=info "$ETP" run -c "$WORK/etp-linkerd.toml" >"$WORK/$1.log" 2>&1 &
+      IPID=$! ;;
+    etp-l2p-kernel)
+      # etp first: it creates the hand-off address that the proxy's outbound listener binds
+      # (the proxy exits when the address does not exist yet).
+      ip netns exec "$R" env RUST_LOG=etp=info "$ETP" run -c "$WORK/etp-kernel.toml" >"$WORK/$1.log" 2>&1 &
+      IPID=$!
+      waitfor 100 nsx "$R" ip -4 addr show to "$HANDOFF/32" dev etp-handoff up \
+        || { cat "$WORK/$1.log"; echo "bench: no hand-off address"; return 1; }
+      start_l2p "$HANDOFF:4140" || return 1 ;;
+    l2p-nat)
+      handoff_by_hand
+      start_l2p "$HANDOFF:4140" || return 1
+      IPID=$L2PID
+      sleep 1
+      PIDS=$IPID
+      log "$1: measuring pid $PIDS ($(cat /proc/$IPID/comm))"
       return 0 ;;
     haproxy|haproxy-splice)
       install_ruleset
@@ -294,11 +354,12 @@ start_row() { # $1 = row; sets IPID (main pid) and PIDS (all processes measured)
   waitfor 100 listening "$R" -ltn 15001 || { cat "$WORK/$1.log"; echo "bench: $1 did not listen"; return 1; }
   waitfor 100 nsx "$R" nft list table inet etp || { echo "bench: no ruleset for $1"; return 1; }
   sleep 1
-  PIDS="$IPID $(pgrep -P "$IPID" | tr '\n' ' ')"
+  PIDS="$IPID $(pgrep -P "$IPID" | tr '\n' ' ')${L2PID:+ $L2PID}"
   log "$1: measuring pids $PIDS ($(cat /proc/$IPID/comm))"
 }
 stop_row() {
   [ -n "$IPID" ] || return 0
+  L2PID=""
   kill -TERM "$IPID" 2>/dev/null || true
   for _ in $(seq 1 50); do kill -0 "$IPID" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$IPID" 2>/dev/null || true
@@ -411,6 +472,7 @@ measure_row() { # one round of one row; $1 = 1 on the last round (adds the idle-
     case $ROW in
       haproxy*) put udp_qps "n/a" ;;          # HAProxy relays no UDP
       nginx) put udp_qps "n/a" ;;             # not set up for UDP here (see BENCHMARKS.md)
+      l2p-nat) put udp_qps "n/a" ;;           # Linkerd proxies no UDP
       *) c0=$(cpu); put udp_qps "$(dns_run)"; phase_cpu udp ;;
     esac
   fi
@@ -426,7 +488,7 @@ measure_row() { # one round of one row; $1 = 1 on the last round (adds the idle-
     wait "$hold" 2>/dev/null || true
     put rss_peak "$(mem VmHWM)"
   fi
-  if [ -n "$IPID" ] && [ "$ROW" != kernel-nat ]; then
+  if [ -n "$IPID" ] && [ "$ROW" != kernel-nat ] && [ "$ROW" != l2p-nat ]; then
     # Packets the `socket transparent 1` rule steered to accepted sockets: 0 would mean the
     # interceptor was bypassed (fail-open) and the row measured routing.
     put tproxied_pkts "$(nsx "$R" nft list chain inet etp established | awk '/socket transparent 1/ { for (i = 1; i < NF; i++) if ($i == "packets" && $(i + 1) ~ /^[0-9]+$/) { print $(i + 1); exit } }')"

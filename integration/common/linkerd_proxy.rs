@@ -17,8 +17,10 @@ use super::{run, wait_for, Netns, Proc};
 
 pub const PROXY_ENV: &str = "ETP_LINKERD2_PROXY";
 pub const CONTROL_ENV: &str = "ETP_LINKERD_CONTROL";
-/// The proxy's identity (a DNS-like name, as Linkerd's service-account identities are).
-pub const LOCAL_NAME: &str = "etp.etp-system.serviceaccount.identity.linkerd.cluster.local";
+/// The proxy's identity: the one deploy/kubernetes/linkerd-node-proxy.yaml gives the node
+/// proxy (service account `linkerd-node-proxy` in namespace `etp-system`).
+pub const LOCAL_NAME: &str =
+    "linkerd-node-proxy.etp-system.serviceaccount.identity.linkerd.cluster.local";
 pub const CONTROL_ADDR: &str = "127.0.0.1:8090";
 pub const PROXY_ADMIN: &str = "127.0.0.1:4191";
 /// How long the proxy waits for a client's first bytes before it treats the connection as
@@ -37,7 +39,9 @@ pub fn binaries() -> Result<Binaries, String> {
         let p = std::env::var_os(var)
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
-            .ok_or_else(|| format!("{var} is not set (`make test-linkerd` sets it)"))?;
+            .ok_or_else(|| {
+                format!("{var} is not set (`make test-linkerd LINKERD2_PROXY=PATH` sets it)")
+            })?;
         if !p.is_file() {
             return Err(format!("{var}={} is not a file", p.display()));
         }
@@ -77,6 +81,8 @@ pub struct RealProxy {
     pub control: Proc,
     pub ns: String,
     pub dir: TempDir,
+    /// Where the test reaches the proxy's admin server.
+    pub admin: String,
 }
 
 fn log_file(path: &Path) -> std::fs::File {
@@ -90,6 +96,18 @@ fn log_file(path: &Path) -> std::fs::File {
 impl RealProxy {
     /// Starts the control plane, then the proxy, in `router`; waits until the proxy is ready.
     pub fn start(router: &Netns, bins: &Binaries) -> RealProxy {
+        RealProxy::start_with(router, bins, &[], PROXY_ADMIN)
+    }
+
+    /// `start`, with `env` set on the proxy over the test's own settings, except the control
+    /// plane's addresses and the identity documents, which are always the fake's; the test
+    /// reaches the admin server at `admin`.
+    pub fn start_with(
+        router: &Netns,
+        bins: &Binaries,
+        env: &[(String, String)],
+        admin: &str,
+    ) -> RealProxy {
         let dir = TempDir::new("linkerd");
         let control_log = dir.path.join("control.log");
         let control = router
@@ -109,6 +127,7 @@ impl RealProxy {
             },
             ns: router.name.clone(),
             dir,
+            admin: admin.to_string(),
         };
         let up = wait_for(Duration::from_secs(20), || {
             rp.dir.path.join("ready").exists().then_some(())
@@ -122,17 +141,12 @@ impl RealProxy {
         let mut cmd = router.cmd("setpriv");
         cmd.args(["--reuid=2102", "--regid=2102", "--clear-groups"])
             .arg(&bins.proxy)
+            // The test's settings; `env` may override them.
             .env("LINKERD2_PROXY_LOG", "warn,linkerd=info")
-            .env("LINKERD2_PROXY_DESTINATION_SVC_ADDR", CONTROL_ADDR)
-            .env("LINKERD2_PROXY_POLICY_SVC_ADDR", CONTROL_ADDR)
             .env(
                 "LINKERD2_PROXY_POLICY_WORKLOAD",
                 r#"{"ns":"etp-system","pod":"etp"}"#,
             )
-            .env("LINKERD2_PROXY_IDENTITY_SVC_ADDR", CONTROL_ADDR)
-            .env("LINKERD2_PROXY_IDENTITY_DIR", path("id"))
-            .env("LINKERD2_PROXY_IDENTITY_TOKEN_FILE", path("token"))
-            .env("LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS", trust_anchors)
             .env("LINKERD2_PROXY_IDENTITY_LOCAL_NAME", LOCAL_NAME)
             .env(
                 "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS",
@@ -142,6 +156,14 @@ impl RealProxy {
             .env("LINKERD2_PROXY_CONTROL_LISTEN_ADDR", "127.0.0.1:4190")
             .env("LINKERD2_PROXY_ADMIN_LISTEN_ADDR", PROXY_ADMIN)
             .env("LINKERD2_PROXY_OUTBOUND_DETECT_TIMEOUT", DETECT_TIMEOUT)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            // The fake control plane and the documents it wrote: always these.
+            .env("LINKERD2_PROXY_DESTINATION_SVC_ADDR", CONTROL_ADDR)
+            .env("LINKERD2_PROXY_POLICY_SVC_ADDR", CONTROL_ADDR)
+            .env("LINKERD2_PROXY_IDENTITY_SVC_ADDR", CONTROL_ADDR)
+            .env("LINKERD2_PROXY_IDENTITY_DIR", path("id"))
+            .env("LINKERD2_PROXY_IDENTITY_TOKEN_FILE", path("token"))
+            .env("LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS", trust_anchors)
             .stdin(Stdio::null())
             .stdout(Stdio::from(proxy_log.try_clone().expect("dup log")))
             .stderr(Stdio::from(proxy_log));
@@ -163,12 +185,12 @@ impl RealProxy {
 
     /// `GET PATH` on the proxy's admin server.
     pub fn get(&self, path: &str) -> (u16, String) {
-        super::topo::http_get(&self.ns, &format!("http://{PROXY_ADMIN}{path}"))
+        super::topo::http_get(&self.ns, &format!("http://{}{path}", self.admin))
     }
 
     pub fn metrics(&self) -> String {
         let (code, body) = self.get("/metrics");
-        assert_eq!(code, 200, "GET :4191/metrics: {body}");
+        assert_eq!(code, 200, "GET {}/metrics: {body}", self.admin);
         body
     }
 

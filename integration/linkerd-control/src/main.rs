@@ -16,7 +16,10 @@
 //!   answers with a leaf certificate for the CSR's key signed by the trust anchor (24 h).
 //! - `OutboundPolicies/Get|Watch`: `NotFound` for every target, which makes the proxy
 //!   synthesize a policy that forwards to the original destination (after protocol detection).
-//! - `Destination/Get|GetProfile`: `NotFound` (the proxy treats it as "no profile").
+//! - `Destination/Get|GetProfile`: `InvalidArgument`, which the proxy takes as "this address
+//!   has no profile and no endpoints" (it retries any other error, `NotFound` included, while
+//!   the connection waits; it asks only for addresses in
+//!   `LINKERD2_PROXY_DESTINATION_PROFILE_NETWORKS`).
 //!
 //! Every request is recorded as one line in FILE (opened for append; stdout without `--log`),
 //! e.g. `policy target=10.96.0.10:8080 workload=etp answer=NotFound`.
@@ -266,9 +269,11 @@ impl Destination for Control {
         let path = request.into_inner().path;
         record(
             &self.log,
-            format!("destination get path={path} answer=NotFound"),
+            format!("destination get path={path} answer=InvalidArgument"),
         );
-        Err(Status::not_found(format!("unknown destination {path}")))
+        Err(Status::invalid_argument(format!(
+            "unknown destination {path}"
+        )))
     }
 
     async fn get_profile(
@@ -276,8 +281,11 @@ impl Destination for Control {
         request: Request<GetDestination>,
     ) -> Result<Response<Self::GetProfileStream>, Status> {
         let path = request.into_inner().path;
-        record(&self.log, format!("profile path={path} answer=NotFound"));
-        Err(Status::not_found(format!("no profile for {path}")))
+        record(
+            &self.log,
+            format!("profile path={path} answer=InvalidArgument"),
+        );
+        Err(Status::invalid_argument(format!("no profile for {path}")))
     }
 }
 
