@@ -12,10 +12,14 @@
 
 mod common;
 
-use common::linkerd_proxy::{binaries, outbound_opens, RealProxy};
+use std::time::Duration;
+
+use common::linkerd_proxy::{binaries, outbound_opens, RealProxy, PROXY_ADMIN};
 use common::topo::{
-    curl, handoff_exchanges, kit_ok, metric, start_etp, stop_etp, topo, Topo, HANDOFF_DESTINATIONS,
+    curl, handoff_exchanges, kit_ok, metric, spawn_etp, start_etp, stop_etp, topo, Opts, Topo,
+    HANDOFF_DESTINATIONS,
 };
+use common::wait_for;
 
 const CFG: &str = r#"
 [listener]
@@ -182,6 +186,53 @@ fn the_shipped_node_proxy_environment_carries_the_handoff() {
     // The kubelet's probes (and Prometheus) reach the admin server at the node's address.
     let proxy = RealProxy::start_with(&t.router, &bins, &env, "10.10.2.1:4191");
     let etp = start_etp(&t.router, CFG);
+
+    exchanges_through_the_proxy(&t, &proxy);
+    stop_etp(etp);
+}
+
+/// `[linkerd] handoff = "kernel"`: etp's ruleset DNATs the client's own connection to the
+/// hand-off addresses, where the real proxy listens (instead of loopback: it takes two outbound
+/// addresses at most); the proxy's `SO_ORIGINAL_DST` must still be the client's destination.
+#[test]
+fn kernel_handoff_reaches_the_real_proxy_with_the_original_destination() {
+    require_root!();
+    let bins = require_real_proxy!();
+    let t = topo();
+    let cfg = CFG.replace(
+        "[limits]",
+        &format!("[linkerd]\nhandoff = \"kernel\"\nready_url = \"http://{PROXY_ADMIN}/ready\"\n\n[limits]"),
+    );
+    // etp first: it creates the hand-off addresses, and the proxy exits when it cannot bind
+    // its outbound listener.
+    let etp = spawn_etp(&t.router, &cfg, Opts::default());
+    let addrs = wait_for(Duration::from_secs(20), || {
+        let out = t
+            .router
+            .try_exec("ip", &["addr", "show", "dev", "etp-handoff"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.contains("169.254.15.1/") && text.contains("fd00:15::1/")).then_some(())
+    });
+    assert!(
+        addrs.is_some(),
+        "no hand-off addresses; etp log:\n{}",
+        etp.log_text()
+    );
+    let env = [(
+        "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS".to_string(),
+        "169.254.15.1:4140,[fd00:15::1]:4140".to_string(),
+    )];
+    let proxy = RealProxy::start_with(&t.router, &bins, &env, PROXY_ADMIN);
+    etp.wait_ready();
+    // etp hands flows over only once it has seen the proxy ready (`ready_url`).
+    let ready = wait_for(Duration::from_secs(20), || {
+        (metric(&etp.metrics(), "etp_proxy_ready") == 1).then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "etp never saw the proxy ready:\n{}",
+        etp.log_text()
+    );
 
     exchanges_through_the_proxy(&t, &proxy);
     stop_etp(etp);
