@@ -68,8 +68,8 @@ bench: bench-ruleset bench-datapath
 bench-ruleset: deps build
 	./scripts/bench-ruleset.sh target/release/etp
 
-# With LINKERD2_PROXY=/path/to/linkerd2-proxy: two more rows, etp's hand-off to the real proxy and
-# a kernel nat redirect straight to it (the fake control plane is built as for test-linkerd).
+# With LINKERD2_PROXY=/path/to/linkerd2-proxy: three more rows, etp's relay and kernel hand-offs to
+# the real proxy and a hand-written DNAT to it (the fake control plane is built as for test-linkerd).
 bench-datapath: bench-deps build
 	$(if $(LINKERD2_PROXY),$(MAKE) --no-print-directory linkerd-control)
 	BENCH_LINKERD2_PROXY="$(if $(LINKERD2_PROXY),$(abspath $(LINKERD2_PROXY)))" \
