@@ -12,6 +12,8 @@
 
 pub(crate) mod conntrack;
 pub(crate) mod ct_events;
+#[cfg(test)]
+pub(crate) mod fuzz_gen;
 pub mod link;
 mod netlink;
 pub mod nft;
