@@ -108,3 +108,30 @@ fn a_family_that_does_not_match_the_type_is_refused() {
     let buf = cmsg(libc::SOL_IP, V4, HDR + d.len(), &d);
     assert_eq!(orig_dst_from_control(&buf, 0), None);
 }
+
+proptest::proptest! {
+    /// Any control buffer and flags: no panic, no read past a declared length, and an
+    /// address only from a message that declares a whole sockaddr.
+    #[test]
+    fn any_control_buffer_is_parsed_or_refused(
+        control in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..160),
+        flags in proptest::prelude::any::<libc::c_int>(),
+    ) {
+        let _ = orig_dst_from_control(&control, flags);
+    }
+
+    #[test]
+    fn crafted_headers_are_parsed_or_refused(
+        declared in 0usize..64,
+        level in proptest::sample::select(vec![libc::SOL_IP, libc::SOL_IPV6, libc::SOL_SOCKET]),
+        ty in proptest::sample::select(vec![V4, V6, 0]),
+        data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+    ) {
+        let buf = cmsg(level, ty, declared, &data);
+        if let Some(a) = orig_dst_from_control(&buf, 0) {
+            // Only a declared length covering the whole sockaddr yields an address.
+            let need = if a.is_ipv4() { size_of::<libc::sockaddr_in>() } else { size_of::<libc::sockaddr_in6>() };
+            proptest::prop_assert!(declared >= HDR + need);
+        }
+    }
+}
