@@ -1,6 +1,8 @@
-//! Fuzz tests (proptest) of the conntrack and sock_diag reply parsers: no input panics, and
-//! what they return comes from the input (a reply that is not a conntrack entry yields no
-//! address; sock_diag keeps only TIME-WAIT entries of a known family).
+//! Fuzz tests (proptest) of the generic netlink reply collection (`netlink::Replies`, the
+//! dump-interrupted check) and of the conntrack and sock_diag reply parsers: no input panics,
+//! and what they return comes from the input (a reply that is not a conntrack entry yields no
+//! address; sock_diag keeps only TIME-WAIT entries of a known family; replies to another
+//! sequence number are never collected).
 
 use std::net::SocketAddr;
 
@@ -8,6 +10,7 @@ use proptest::prelude::*;
 
 use super::conntrack::{get_by_reply, parse_orig_dst};
 use super::fuzz_gen::{self, message};
+use super::netlink::{dump_interrupted, Msgs, Replied, Replies};
 use super::sockdiag::parse_dump;
 
 /// Conntrack seeds: etp's own queries, retyped as CT_NEW replies (same tuple nesting).
@@ -54,6 +57,23 @@ fn diag_seeds() -> Vec<Vec<u8>> {
 }
 
 proptest! {
+    #[test]
+    fn reply_collection_keeps_only_its_own_sequence(
+        bufs in prop::collection::vec(fuzz_gen::netlink(diag_seeds()), 1..4),
+        dump in any::<bool>(),
+    ) {
+        let mut r = Replies::new(9, dump);
+        for b in &bufs {
+            let _ = dump_interrupted(b);
+            if let Some(Replied::Done(msgs)) = r.feed(b) {
+                for m in &msgs {
+                    prop_assert!(Msgs(m).next().is_some_and(|m| m.seq == 9));
+                }
+                break;
+            }
+        }
+    }
+
     #[test]
     fn conntrack_replies_never_panic(buf in fuzz_gen::netlink(ct_seeds())) {
         let _ = parse_orig_dst(&buf);
