@@ -1,5 +1,5 @@
 //! Fuzz tests (proptest) of the generic netlink reply collection (`netlink::Replies`, the
-//! dump-interrupted check) and of the conntrack and sock_diag reply parsers: no input panics,
+//! dump-interrupted check) and of the conntrack (lookups and events) and sock_diag parsers: no input panics,
 //! and what they return comes from the input (a reply that is not a conntrack entry yields no
 //! address; sock_diag keeps only TIME-WAIT entries of a known family; replies to another
 //! sequence number are never collected).
@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use proptest::prelude::*;
 
 use super::conntrack::{get_by_reply, parse_orig_dst};
+use super::ct_events;
 use super::fuzz_gen::{self, message};
 use super::netlink::{dump_interrupted, Msgs, Replied, Replies};
 use super::sockdiag::parse_dump;
@@ -77,6 +78,12 @@ proptest! {
     #[test]
     fn conntrack_replies_never_panic(buf in fuzz_gen::netlink(ct_seeds())) {
         let _ = parse_orig_dst(&buf);
+    }
+
+    #[test]
+    fn conntrack_events_never_panic(buf in fuzz_gen::netlink(ct_seeds()), now in any::<u64>()) {
+        let _ = ct_events::parse(&buf, now);
+        let _ = ct_events::parse_closing(&buf, |_| true);
     }
 
     #[test]
