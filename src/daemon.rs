@@ -598,7 +598,7 @@ impl Daemon {
                 Err(e) => error!(error = %chain(&e), "removing the ruleset"),
             }
         }
-        let _ = std::fs::remove_file(&self.cfg.daemon.pid_file);
+        crate::pidfile::remove_own(&self.cfg.daemon.pid_file);
         info!("etp stopped");
     }
 
@@ -700,12 +700,8 @@ fn raise_nofile_limit() {
 }
 
 fn write_pid_file(cfg: &Config) {
-    let path = &cfg.daemon.pid_file;
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
-        warn!(path = %path.display(), error = %e, "writing the pid file failed; `etp reload` will need systemd or kill -HUP");
+    if let Err(e) = crate::pidfile::write(&cfg.daemon.pid_file) {
+        warn!(error = %chain(&e), "writing the pid file failed; `etp reload` will need systemd or kill -HUP");
     }
 }
 

@@ -12,7 +12,7 @@
 //! - `dataplane`: transparent TCP/UDP listeners, flow decisions, upstream sockets, the relay, the
 //!   UDP flow table, descriptor back-off and socket options (`dataplane::sockopt`)
 //! - wiring: `daemon` (start order, reload, drain, resync), `admin` (metrics and health),
-//!   `cli`, `metrics`, `telemetry`
+//!   `cli`, `metrics`, `pidfile`, `telemetry`
 
 pub mod admin;
 mod classify;
@@ -25,6 +25,7 @@ pub mod health;
 pub mod kernel;
 mod metrics;
 pub mod model;
+pub mod pidfile;
 pub mod plan;
 pub mod plan_handoff;
 pub mod telemetry;

@@ -201,18 +201,7 @@ fn status(cfg: &Config) -> anyhow::Result<u8> {
 }
 
 fn reload(cfg: &Config) -> anyhow::Result<u8> {
-    let path = &cfg.daemon.pid_file;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the pid file {} (is etp running?)", path.display()))?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .with_context(|| format!("pid file {} holds {:?}", path.display(), text.trim()))?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .with_context(|| format!("sending SIGHUP to pid {pid}"))?;
+    let pid = etp::pidfile::signal_reload(&cfg.daemon.pid_file)?;
     println!("reload requested (SIGHUP to pid {pid})");
     Ok(OK)
 }

@@ -178,6 +178,10 @@ impl SetElems {
 /// An interval of raw big-endian keys as nft shows it: `10.0.0.0/8`, `10.0.0.1`, `1-65535`,
 /// or `a-b` when the range is not a prefix. `end` is exclusive; `None` runs to the top.
 pub fn interval_text(start: &[u8], end: Option<&[u8]>) -> String {
+    if let Some(e) = end.filter(|e| e.len() != start.len()) {
+        // Only a malformed dump pairs keys of different lengths: show the bytes.
+        return format!("{start:02x?}-{e:02x?}");
+    }
     match start.len() {
         2 => {
             let s = u16::from_be_bytes([start[0], start[1]]);

@@ -1,8 +1,14 @@
-//! etp as an unprivileged uid with only CAP_NET_ADMIN and CAP_NET_RAW, granted as systemd does
-//! (ambient) and as the image and pod do (file capabilities under no_new_privs), and without them.
+//! etp as an unprivileged uid with only CAP_NET_ADMIN and CAP_NET_BIND_SERVICE, granted as
+//! systemd does (ambient) and as the image and pod do (file capabilities under no_new_privs),
+//! and without them. CAP_NET_RAW is granted nowhere: `etp run` relays TCP and DNS without it
+//! (transparent listeners and reply sockets, marked upstream sockets). CAP_NET_BIND_SERVICE is
+//! what lets a UDP reply socket bind the original destination's port 53.
 
 use super::*;
 use crate::require_root;
+
+/// The capabilities the unit, the image and the DaemonSet grant, in setpriv's syntax.
+const CAPS: &str = "-all,+net_admin,+net_bind_service";
 
 const UTIL_LINUX: &str = "apt-get install -y util-linux";
 
@@ -57,18 +63,17 @@ fn assert_applied(ns: &Netns, how: &str) {
 }
 
 #[test]
-fn apply_works_as_nobody_with_only_net_admin_and_net_raw() {
+fn apply_works_as_nobody_with_only_net_admin_and_net_bind_service() {
     require_root!();
     tool("setpriv", UTIL_LINUX);
     let (_dir, bin, cfg) = staged("ambient");
     let ns = Netns::new("capamb");
     let cfg = cfg.to_str().expect("utf-8");
     // As systemd runs etp.service: a plain uid with exactly the two capabilities, ambient.
-    let caps = "-all,+net_admin,+net_raw";
-    let as_nobody = setpriv_args(65534, caps, caps, true);
+    let as_nobody = setpriv_args(65534, CAPS, CAPS, true);
     let out = run_as(&ns, &as_nobody, &bin, &["apply", "-c", cfg]);
     assert!(out.status.success(), "etp apply as nobody: {}", text(&out));
-    assert_applied(&ns, "apply as nobody with NET_ADMIN+NET_RAW");
+    assert_applied(&ns, "apply as nobody with NET_ADMIN+NET_BIND_SERVICE");
 
     let out = run_as(&ns, &as_nobody, &bin, &["cleanup", "-c", cfg]);
     assert!(
@@ -121,7 +126,7 @@ fn file_capabilities_work_for_a_non_root_uid_under_no_new_privs() {
     // What the Dockerfile does to /usr/local/bin/etp.
     let out = output(
         Command::new(setcap)
-            .arg("cap_net_admin,cap_net_raw+ep")
+            .arg("cap_net_admin,cap_net_bind_service+ep")
             .arg(&bin),
     );
     assert!(out.status.success(), "setcap: {}", text(&out));
@@ -129,9 +134,9 @@ fn file_capabilities_work_for_a_non_root_uid_under_no_new_privs() {
     let cfg = cfg.to_str().expect("utf-8");
 
     // What the runtime does for the pod: uid 65532, no ambient or inheritable capabilities,
-    // NET_ADMIN and NET_RAW in the bounding set (capabilities.add, drop ALL), no_new_privs
+    // NET_ADMIN and NET_BIND_SERVICE in the bounding set (capabilities.add, drop ALL), no_new_privs
     // (allowPrivilegeEscalation: false).
-    let pod = setpriv_args(65532, "-all", "-all,+net_admin,+net_raw", true);
+    let pod = setpriv_args(65532, "-all", CAPS, true);
     let out = run_as(&ns, &pod, &bin, &["apply", "-c", cfg]);
     assert!(
         out.status.success(),
@@ -159,4 +164,99 @@ fn file_capabilities_work_for_a_non_root_uid_under_no_new_privs() {
         text(&out)
     );
     assert!(etp_table(&ns).is_none(), "table inet etp left behind");
+}
+
+/// `etp run` as systemd runs it (uid 65534, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE, ambient,
+/// no_new_privs) in the shared client -- router -- server topology: an intercepted TCP
+/// connection and a DNS query are relayed through etp, so transparent listeners, transparent
+/// UDP reply sockets (bound to port 53) and marked upstream sockets all work without
+/// CAP_NET_RAW. (With NET_ADMIN and NET_RAW, as shipped before, the DNS query timed out: the
+/// reply socket's bind to port 53 failed with EACCES.)
+#[test]
+fn run_relays_tcp_and_dns_without_net_raw() {
+    use common::topo::{curl, topo, ADMIN};
+    require_root!();
+    tool("setpriv", UTIL_LINUX);
+    let (dir, bin, _) = staged("runcaps");
+    let cfg = dir.file(
+        "run.toml",
+        format!(
+            "[listener]\nport = 15001\n\n\
+             [[route]]\nname = \"tcp\"\nprotocols = [\"tcp\"]\ndestinations = [\"10.96.0.20/32\"]\n\
+             ports = [8080]\naction = \"direct\"\n\n\
+             [[route]]\nname = \"dns\"\nprotocols = [\"udp\"]\ndestinations = [\"10.96.0.10/32\"]\n\
+             ports = [53]\naction = \"direct\"\n\n\
+             [admin]\naddress = \"{ADMIN}\"\n\n[daemon]\npid_file = \"{}/etp.pid\"\ndrain_seconds = 1\n",
+            dir.0.display()
+        )
+        .as_bytes(),
+        0o644,
+    );
+    let t = topo();
+    let mut args = setpriv_args(65534, CAPS, CAPS, true);
+    args.push(bin.to_str().expect("utf-8").to_string());
+    args.extend(["run", "-c", cfg.to_str().expect("utf-8")].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut etp = t.router.spawn("setpriv", &args);
+    let ready = common::wait_for(std::time::Duration::from_secs(20), || {
+        // -f: a 503 ("not ready") is a failure, not a body to match.
+        let out = t.router.try_exec(
+            "curl",
+            &["-sf", "--max-time", "2", &format!("http://{ADMIN}/ready")],
+        );
+        (out.status.success() && String::from_utf8_lossy(&out.stdout) == "ready\n").then_some(())
+    });
+    if ready.is_none() {
+        panic!(
+            "etp run as nobody with NET_ADMIN+NET_BIND_SERVICE did not become ready: {}",
+            text(&etp.kill_output())
+        );
+    }
+    // The server sees the router's address: the connection went through etp (`direct`).
+    let body = curl(&t.client, "http://10.96.0.20:8080/");
+    if !body.contains(" to 10.10.2.1:") {
+        panic!(
+            "not relayed by etp: {body}\netp: {}",
+            text(&etp.kill_output())
+        );
+    }
+    let out = t.client.try_exec(
+        "dig",
+        &[
+            "+short",
+            "+time=3",
+            "+tries=2",
+            "@10.96.0.10",
+            "etp.test",
+            "A",
+        ],
+    );
+    if String::from_utf8_lossy(&out.stdout).trim() != "10.1.2.3" {
+        panic!(
+            "DNS through etp: {}\netp: {}",
+            text(&out),
+            text(&etp.kill_output())
+        );
+    }
+    let metrics = curl(&t.router, &format!("http://{ADMIN}/metrics"));
+    let flows = |proto: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("etp_flows_total{") && l.contains(proto))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert!(
+        flows("proto=\"tcp\"") >= 1,
+        "no TCP flow counted:\n{metrics}"
+    );
+    assert!(
+        flows("proto=\"udp\"") >= 1,
+        "no UDP flow counted:\n{metrics}"
+    );
+    etp.signal("TERM");
+    let out = etp
+        .wait_timeout(std::time::Duration::from_secs(15))
+        .expect("etp exits after SIGTERM");
+    assert!(out.status.success(), "etp run as nobody: {}", text(&out));
 }

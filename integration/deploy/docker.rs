@@ -93,7 +93,7 @@ fn dockerfile_builds_etp_and_ships_the_libraries_it_links() {
     );
     assert!(
         runtime.iter().any(|(op, r)| op == "RUN"
-            && r.contains("setcap cap_net_admin,cap_net_raw+ep /usr/local/bin/etp")),
+            && r.contains("setcap cap_net_admin,cap_net_bind_service+ep /usr/local/bin/etp")),
         "runtime stage does not give etp its file capabilities"
     );
     let user = runtime

@@ -105,7 +105,7 @@ fn daemonset_runs_etp_unprivileged_on_the_host_network_with_its_config() {
     let sc = &etp["securityContext"];
     let mut add = strings(&sc["capabilities"]["add"]);
     add.sort();
-    assert_eq!(add, ["NET_ADMIN", "NET_RAW"]);
+    assert_eq!(add, ["NET_ADMIN", "NET_BIND_SERVICE"]);
     assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_ne!(sc["privileged"], true);

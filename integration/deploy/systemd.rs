@@ -78,7 +78,9 @@ fn systemd_unit_grants_two_capabilities_and_outlasts_the_drain() {
         "User={user}"
     );
 
-    let caps: BTreeSet<String> = ["CAP_NET_ADMIN", "CAP_NET_RAW"].map(String::from).into();
+    let caps: BTreeSet<String> = ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"]
+        .map(String::from)
+        .into();
     assert_eq!(
         words(&svc["CapabilityBoundingSet"]),
         caps,

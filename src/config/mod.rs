@@ -369,4 +369,6 @@ pub use validate::parse_cidr;
 use validate::RawConfig;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;

@@ -139,6 +139,10 @@ fn bad_configs_are_refused_with_file_line_key_and_reason() {
             "t.toml:6: route[0].destinations: only IPv6 destinations, but listener.ipv6 = false",
         ),
         (
+            "[listener]\nipv6 = false\n[[route]]\nname = \"v6src\"\nprotocols = [\"tcp\"]\ndestinations = [\"10.0.0.0/8\"]\nsources = [\"fd00::/8\", \"fd01::/16\"]\nports = [1]\naction = \"direct\"\n",
+            "t.toml:7: route[0].sources: only IPv6 sources, but listener.ipv6 = false",
+        ),
+        (
             "[[route]]\nname = \"x\"\nprotocols = [\"tcp\"]\ndestinations = [\"10.0.0.0/8\"]\nports = [1]\naction = \"direct\"\nsurprise = 1\n",
             "t.toml:7: surprise: unknown field `surprise`",
         ),

@@ -545,7 +545,7 @@ impl RawRoute {
         let protocols = route_protocols(&rcx, self.protocols)?;
         let destinations = route_destinations(&rcx, self.destinations, listener)?;
         let ports = route_ports(&rcx, self.ports)?;
-        let sources = cidrs(cx, self.sources.unwrap_or_default(), &rcx.key("sources"))?;
+        let sources = route_sources(&rcx, self.sources.unwrap_or_default(), listener)?;
         let forward_to = route_forward_to(&rcx, self.forward_to, listener)?;
         let action = route_action(&rcx, self.action, &protocols, forward_to)?;
         let preserve_source = route_preserve_source(&rcx, self.preserve_source, action)?;
@@ -664,6 +664,28 @@ fn route_destinations(
             "destinations",
             "only IPv6 destinations, but listener.ipv6 = false: the route would never match",
         ));
+    }
+    Ok(v)
+}
+
+/// `sources`: optional. Without IPv6 rules (`listener.ipv6 = false`) the IPv6 sources are
+/// dropped; with none left the route would silently select every source instead of the ones
+/// listed, so a list of IPv6 sources only is refused.
+fn route_sources(
+    rcx: &RouteCx<'_, '_>,
+    raw: Vec<S<String>>,
+    listener: &Listener,
+) -> Result<Vec<IpNetwork>, ConfigError> {
+    let first = raw.first().map(|s| s.span());
+    let v = cidrs(rcx.cx, raw, &rcx.key("sources"))?;
+    if let Some(span) = first {
+        if !listener.ipv6 && v.iter().all(|n| n.is_ipv6()) {
+            return Err(rcx.err(
+                span,
+                "sources",
+                "only IPv6 sources, but listener.ipv6 = false: the route would select every source",
+            ));
+        }
     }
     Ok(v)
 }

@@ -16,6 +16,8 @@
 //! current one when it starts; established flows keep the routes they started with.
 
 mod admission;
+#[cfg(test)]
+mod cmsg_tests;
 pub(crate) mod fdlimit;
 mod flow_metrics;
 mod flow_table;

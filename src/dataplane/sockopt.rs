@@ -152,31 +152,82 @@ pub fn recv_with_orig_dst(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Rece
     // SAFETY: the kernel filled `src` with msg_namelen bytes of a sockaddr of the socket's family.
     let src = unsafe { sockaddr_to_std(src.as_ptr(), msg.msg_namelen) }
         .ok_or_else(|| io::Error::other("recvmsg returned no IPv4/IPv6 source address"))?;
-    let mut orig_dst = None;
-    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, bounded by
-    // msg_controllen; each header's data is read only for the IP(V6)_ORIGDSTADDR types, whose
-    // payload is a sockaddr_in / sockaddr_in6 (read unaligned: the buffer makes no promise).
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            let h = &*c;
-            let data = libc::CMSG_DATA(c);
-            if h.cmsg_level == libc::SOL_IP && h.cmsg_type == libc::IP_ORIGDSTADDR {
-                let sin: libc::sockaddr_in = std::ptr::read_unaligned(data.cast());
-                orig_dst = Some(SocketAddr::V4(v4_from(&sin)));
-            } else if h.cmsg_level == libc::SOL_IPV6 && h.cmsg_type == libc::IPV6_ORIGDSTADDR {
-                let sin6: libc::sockaddr_in6 = std::ptr::read_unaligned(data.cast());
-                orig_dst = Some(SocketAddr::V6(v6_from(&sin6)));
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
+    let controllen = (msg.msg_controllen as usize).min(size_of_val(&control));
+    // SAFETY: `control` is a live local array; the kernel wrote `msg_controllen` bytes of it
+    // (clamped to its size), and u64 -> u8 reinterpretation is always valid.
+    let control_bytes =
+        unsafe { std::slice::from_raw_parts(control.as_ptr().cast::<u8>(), controllen) };
+    let orig_dst = orig_dst_from_control(control_bytes, msg.msg_flags);
     Ok(Received {
         len: n as usize,
         src: unmap(src),
         orig_dst: orig_dst.map(unmap),
         truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
     })
+}
+
+/// The original destination from a `recvmsg` control buffer (`IP_ORIGDSTADDR` /
+/// `IPV6_ORIGDSTADDR`), or `None` when there is none that can be trusted.
+///
+/// `control` is exactly the `msg_controllen` bytes the kernel filled and `flags` is
+/// `msg_flags`. Nothing is read past what a header declares: a control message whose
+/// `cmsg_len` is shorter than its header or runs past the buffer ends the walk, a payload
+/// shorter than the sockaddr or of the wrong family is ignored, and with `MSG_CTRUNC` (the
+/// buffer was too small, so the kernel dropped or cut messages) nothing is trusted.
+pub fn orig_dst_from_control(control: &[u8], flags: libc::c_int) -> Option<SocketAddr> {
+    if flags & libc::MSG_CTRUNC != 0 {
+        return None;
+    }
+    let header = cmsg_align(size_of::<libc::cmsghdr>());
+    let mut orig_dst = None;
+    let mut off = 0usize;
+    while control.len().saturating_sub(off) >= size_of::<libc::cmsghdr>() {
+        // SAFETY: at least size_of::<cmsghdr>() bytes remain at `off` (checked above); the
+        // header is plain old data, read unaligned because a byte slice promises no alignment.
+        let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(control[off..].as_ptr().cast()) };
+        let len = h.cmsg_len as usize;
+        if len < header || len > control.len() - off {
+            break;
+        }
+        let data = &control[off + header..off + len];
+        match (h.cmsg_level, h.cmsg_type) {
+            (libc::SOL_IP, libc::IP_ORIGDSTADDR) => {
+                orig_dst = sockaddr_from_bytes(data, libc::AF_INET).or(orig_dst);
+            }
+            (libc::SOL_IPV6, libc::IPV6_ORIGDSTADDR) => {
+                orig_dst = sockaddr_from_bytes(data, libc::AF_INET6).or(orig_dst);
+            }
+            _ => {}
+        }
+        off = off.saturating_add(cmsg_align(len));
+    }
+    orig_dst
+}
+
+/// `CMSG_ALIGN`: control messages are padded to the alignment of `size_t`.
+fn cmsg_align(n: usize) -> usize {
+    let a = size_of::<usize>();
+    n.saturating_add(a - 1) & !(a - 1)
+}
+
+/// A `sockaddr_in` / `sockaddr_in6` of the expected family from raw bytes; `None` when the
+/// bytes are too few or of another family.
+fn sockaddr_from_bytes(data: &[u8], family: libc::c_int) -> Option<SocketAddr> {
+    let fam = u16::from_ne_bytes(data.get(..2)?.try_into().ok()?);
+    if libc::c_int::from(fam) != family {
+        return None;
+    }
+    if family == libc::AF_INET && data.len() >= size_of::<libc::sockaddr_in>() {
+        // SAFETY: the length check covers a whole sockaddr_in; read unaligned (byte slice).
+        let sin: libc::sockaddr_in = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+        Some(SocketAddr::V4(v4_from(&sin)))
+    } else if family == libc::AF_INET6 && data.len() >= size_of::<libc::sockaddr_in6>() {
+        // SAFETY: the length check covers a whole sockaddr_in6; read unaligned (byte slice).
+        let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+        Some(SocketAddr::V6(v6_from(&sin6)))
+    } else {
+        None
+    }
 }
 
 fn v4_from(sin: &libc::sockaddr_in) -> SocketAddrV4 {

@@ -370,8 +370,10 @@ impl<'a> RecvLoop<'a> {
                 Some(s)
             }
             Err(e) => {
+                // EACCES for a port below 1024: etp lacks CAP_NET_BIND_SERVICE.
                 warn!(orig_dst = %orig, error = %e,
-                    "cannot bind a transparent reply socket to the original destination");
+                    "cannot bind a transparent reply socket to the original destination \
+                     (ports below 1024 need CAP_NET_BIND_SERVICE)");
                 self.refused(Refusal::ReplySocket, route, key);
                 None
             }

@@ -12,6 +12,10 @@
 
 pub(crate) mod conntrack;
 pub(crate) mod ct_events;
+#[cfg(test)]
+pub(crate) mod fuzz_gen;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod link;
 mod netlink;
 pub mod nft;

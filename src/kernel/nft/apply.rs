@@ -1,6 +1,9 @@
 //! Applying etp's table: one in-place replace transaction, encoded against what the kernel
 //! holds now ([`Current`]) and pinned to the generation it was read in; a refused batch is
-//! named by the object its error ack points at.
+//! named by the object its error ack points at. When the replies are lost (ENOBUFS, timeout),
+//! a fresh socket decides whether the batch committed: not if the generation id did not move;
+//! if it moved (which any concurrent committer also does), only if etp's table reads back
+//! exactly as sent.
 
 use super::current::Current;
 use super::encode::{encode_replace, Batch};
@@ -106,11 +109,15 @@ impl Nft {
             }
             BatchVerdict::Unknown(cause) => {
                 // Decide on a fresh socket: this one may still hold stale replies.
-                let generation = Nft::open()?.generation()?;
-                if generation == gen_before {
+                let mut fresh = Nft::open()?;
+                let generation = fresh.generation()?;
+                let committed = committed_after_lost_replies(gen_before, generation, || {
+                    fresh.audit(table).map(|drift| drift.is_empty())
+                })?;
+                if !committed {
                     return Err(NftError::Unknown { cause, generation });
                 }
-                tracing::warn!(%cause, gen_before, generation, "nft replies lost; generation advanced, batch committed");
+                tracing::warn!(%cause, gen_before, generation, "nft replies lost; etp's table reads back as sent, batch committed");
                 return Ok(ApplyReport {
                     generation,
                     messages: n as usize + 2,
@@ -158,5 +165,48 @@ impl Nft {
                 generation: Nft::open()?.generation()?,
             }),
         }
+    }
+}
+
+/// Whether a batch whose replies were lost (ENOBUFS, timeout) committed. An unchanged
+/// generation means nothing committed. A moved one is not proof: any committer in the
+/// namespace (kube-proxy applies its own table every few seconds) moves it too, so the
+/// verdict is whether etp's table now reads back exactly as sent (`table_matches`, an audit).
+/// If it already matched before the batch, "committed" is still the right answer for the
+/// caller: the kernel holds what was sent.
+fn committed_after_lost_replies(
+    gen_before: u32,
+    gen_now: u32,
+    table_matches: impl FnOnce() -> Result<bool, NftError>,
+) -> Result<bool, NftError> {
+    if gen_now == gen_before {
+        return Ok(false);
+    }
+    table_matches()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A concurrent committer moved the generation while etp's replies were lost, and etp's
+    /// table does not hold what was sent: not committed (deciding by the generation alone said
+    /// it was).
+    #[test]
+    fn a_generation_moved_by_someone_else_is_not_a_commit() {
+        let mut asked = 0;
+        let r = committed_after_lost_replies(7, 8, || {
+            asked += 1;
+            Ok(false)
+        });
+        assert!(!r.unwrap());
+        assert_eq!(asked, 1);
+        assert!(committed_after_lost_replies(7, 9, || Ok(true)).unwrap());
+        // Unchanged generation: nothing committed, no read-back needed.
+        assert!(!committed_after_lost_replies(7, 7, || panic!("no audit")).unwrap());
+        // The read-back failing is an error, not a verdict.
+        assert!(
+            committed_after_lost_replies(7, 8, || Err(NftError::Malformed { what: "x" })).is_err()
+        );
     }
 }

@@ -130,7 +130,7 @@ fn set_desc(key_type: u32, key_len: u32, flags: u32) -> String {
 /// Rebuilds intervals from dumped elements `(key, is_end)`: sorted by key with ends before
 /// starts at the same key (adjacent intervals), a start followed by its end; an end without a
 /// start (nft's leading zero element) is ignored; a trailing start is open-ended.
-fn intervals(mut elems: Vec<(Vec<u8>, bool)>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+pub(crate) fn intervals(mut elems: Vec<(Vec<u8>, bool)>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     elems.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
     let mut out = Vec::new();
     let mut open: Option<Vec<u8>> = None;
@@ -149,7 +149,7 @@ fn intervals(mut elems: Vec<(Vec<u8>, bool)>) -> Vec<(Vec<u8>, Option<Vec<u8>>)>
     out
 }
 
-fn parse_elems(msgs: &[Vec<u8>]) -> Vec<(Vec<u8>, bool)> {
+pub(crate) fn parse_elems(msgs: &[Vec<u8>]) -> Vec<(Vec<u8>, bool)> {
     let mut out = Vec::new();
     for raw in msgs {
         for m in Msgs(raw) {
@@ -295,6 +295,22 @@ fn audit_meter(m: &Meter, current: &Current, drift: &mut Vec<TableDrift>) {
     }
 }
 
+/// The rules of a GETRULE dump; a malformed message is logged and skipped, never trusted.
+pub(crate) fn rules_from_dump(msgs: &[Vec<u8>]) -> Vec<RuleText> {
+    let mut out = Vec::new();
+    for m in msgs.iter().flat_map(|raw| Msgs(raw)) {
+        match rule_text(m.bytes) {
+            Some(t) => out.push(t),
+            None => tracing::warn!(
+                bytes = m.bytes.len(),
+                msg_type = m.ty,
+                "nf_tables rule dump: a message that does not parse as a rule; skipped"
+            ),
+        }
+    }
+    out
+}
+
 impl Nft {
     /// Compares the kernel's `table inet NAME` with `table`; empty when in sync.
     pub fn audit(&mut self, table: &Table) -> Result<Vec<TableDrift>, NftError> {
@@ -366,15 +382,7 @@ impl Nft {
             &[(NFTA_RULE_TABLE, name)],
             "GETRULE dump",
         )?;
-        let mut have_rules: Vec<RuleText> = Vec::new();
-        for raw in &rules {
-            for m in Msgs(raw) {
-                if let Some(t) = rule_text(m.bytes) {
-                    have_rules.push(t);
-                }
-            }
-        }
-        Ok(have_rules)
+        Ok(rules_from_dump(&rules))
     }
 
     /// A set's elements (GETSETELEM dump) against the desired intervals.

@@ -87,68 +87,78 @@ impl Current {
             &[(NFTA_CHAIN_TABLE, name)],
             "GETCHAIN dump",
         )?;
-        for raw in &chains {
-            for m in Msgs(raw) {
-                let mut t = String::new();
-                let mut c = CurrentChain {
-                    name: String::new(),
-                    kind: String::new(),
-                    hook: u32::MAX,
-                    priority: 0,
-                };
-                for (ty, d) in m.nfgen_attrs() {
-                    match ty {
-                        NFTA_CHAIN_TABLE => t = strz(d),
-                        NFTA_CHAIN_NAME => c.name = strz(d),
-                        NFTA_CHAIN_TYPE => c.kind = strz(d),
-                        NFTA_CHAIN_HOOK => {
-                            for (h, v) in Attrs(d) {
-                                match h {
-                                    NFTA_HOOK_HOOKNUM => c.hook = be32(v),
-                                    NFTA_HOOK_PRIORITY => c.priority = be32(v) as i32,
-                                    _ => {}
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                if t == name {
-                    current.chains.push(c);
-                }
-            }
-        }
+        current.chains = chains_from_dump(&chains, name);
         let sets = nft.dump(
             wire::NFT_MSG_GETSET,
             &[(NFTA_SET_TABLE, name)],
             "GETSET dump",
         )?;
-        for raw in &sets {
-            for m in Msgs(raw) {
-                let mut t = String::new();
-                let mut s = CurrentSet {
-                    name: String::new(),
-                    key_type: 0,
-                    key_len: 0,
-                    flags: 0,
-                };
-                for (ty, d) in m.nfgen_attrs() {
-                    match ty {
-                        NFTA_SET_TABLE => t = strz(d),
-                        NFTA_SET_NAME => s.name = strz(d),
-                        NFTA_SET_FLAGS => s.flags = be32(d),
-                        NFTA_SET_KEY_TYPE => s.key_type = be32(d),
-                        NFTA_SET_KEY_LEN => s.key_len = be32(d),
-                        _ => {}
-                    }
-                }
-                if t == name {
-                    current.sets.push(s);
-                }
-            }
-        }
+        current.sets = sets_from_dump(&sets, name);
         Ok(current)
     }
+}
+
+/// The chains of table `name` in a GETCHAIN dump.
+pub(crate) fn chains_from_dump(msgs: &[Vec<u8>], name: &str) -> Vec<CurrentChain> {
+    let mut out = Vec::new();
+    for m in msgs.iter().flat_map(|raw| Msgs(raw)) {
+        let mut t = String::new();
+        let mut c = CurrentChain {
+            name: String::new(),
+            kind: String::new(),
+            hook: u32::MAX,
+            priority: 0,
+        };
+        for (ty, d) in m.nfgen_attrs() {
+            match ty {
+                NFTA_CHAIN_TABLE => t = strz(d),
+                NFTA_CHAIN_NAME => c.name = strz(d),
+                NFTA_CHAIN_TYPE => c.kind = strz(d),
+                NFTA_CHAIN_HOOK => {
+                    for (h, v) in Attrs(d) {
+                        match h {
+                            NFTA_HOOK_HOOKNUM => c.hook = be32(v),
+                            NFTA_HOOK_PRIORITY => c.priority = be32(v) as i32,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if t == name {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The sets of table `name` in a GETSET dump.
+pub(crate) fn sets_from_dump(msgs: &[Vec<u8>], name: &str) -> Vec<CurrentSet> {
+    let mut out = Vec::new();
+    for m in msgs.iter().flat_map(|raw| Msgs(raw)) {
+        let mut t = String::new();
+        let mut s = CurrentSet {
+            name: String::new(),
+            key_type: 0,
+            key_len: 0,
+            flags: 0,
+        };
+        for (ty, d) in m.nfgen_attrs() {
+            match ty {
+                NFTA_SET_TABLE => t = strz(d),
+                NFTA_SET_NAME => s.name = strz(d),
+                NFTA_SET_FLAGS => s.flags = be32(d),
+                NFTA_SET_KEY_TYPE => s.key_type = be32(d),
+                NFTA_SET_KEY_LEN => s.key_len = be32(d),
+                _ => {}
+            }
+        }
+        if t == name {
+            out.push(s);
+        }
+    }
+    out
 }
 
 /// NF_INET_* number of a hook.

@@ -12,12 +12,15 @@
 //! - `audit`   read back and compare -> [`TableDrift`] (edge)
 //! - `monitor` nf_tables change notifications for etp's table
 
+mod abi;
 mod apply;
 mod audit;
 mod current;
 mod encode;
 mod error;
 mod expr;
+#[cfg(test)]
+mod fuzz_tests;
 mod monitor;
 mod socket;
 mod text;

@@ -9,7 +9,8 @@ use nftnl::nftnl_sys as sys;
 
 /// Copies a message into 4-byte aligned storage (`nlmsghdr` alignment) and calls `f` on it.
 fn with_aligned<R>(msg: &[u8], f: impl FnOnce(*const libc::nlmsghdr) -> R) -> R {
-    let mut words = vec![0u32; msg.len().div_ceil(4)];
+    // One zero word more than needed: a C string read can never run off the copy.
+    let mut words = vec![0u32; msg.len().div_ceil(4) + 1];
     for (w, chunk) in words.iter_mut().zip(msg.chunks(4)) {
         let mut b = [0u8; 4];
         b[..chunk.len()].copy_from_slice(chunk);
@@ -48,6 +49,10 @@ struct RawRule(NonNull<sys::nftnl_rule>);
 
 impl RawRule {
     fn parse(msg: &[u8]) -> Option<RawRule> {
+        // libnftnl exits the process on some malformed attributes: check them first.
+        if !super::abi::rule_is_safe_for_libnftnl(msg) {
+            return None;
+        }
         // SAFETY: plain allocation, checked for NULL.
         let r = NonNull::new(unsafe { sys::nftnl_rule_alloc() })?;
         let rule = RawRule(r);

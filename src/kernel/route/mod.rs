@@ -11,6 +11,8 @@
 //! routes of other programs (and the kernel's default rules) are never touched.
 
 mod apply;
+#[cfg(test)]
+mod fuzz_tests;
 mod message;
 mod monitor;
 
