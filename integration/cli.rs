@@ -159,6 +159,10 @@ fn reload_does_not_signal_a_process_that_is_not_etp() {
     assert!(alive, "etp reload signalled an unrelated process (sleep)");
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not etp (stale pid file?)"), "{err}");
+    // The same pid once its process is gone: a stale pid file, refused as such.
+    let (code, _, err) = etp(&["reload", "-c", cfg.as_str()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("which is no longer running"), "{err}");
     // -1 would signal every process, 0 etp reload's own process group: both refused.
     for pid in ["-1", "0"] {
         std::fs::write(&pid_file.path, pid).expect("write pid file");
