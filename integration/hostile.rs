@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::topo::{dig, in_netns, metric, start_etp_with, sum, topo, Etp, Opts, Topo};
+use common::topo::{connect_from, dig, in_netns, metric, start_etp_with, sum, topo, Etp, Opts};
 use socket2::{Domain, Socket, Type};
 
 /// A direct TCP route to the echo server and a direct UDP route to the DNS server.
@@ -90,14 +90,6 @@ fn config(limits: &str) -> String {
     format!("[listener]\nport = 15001\n\n[limits]\n{limits}\n{ROUTES}")
 }
 
-/// Adds `10.10.1.{n}` for each `n` to the client's interface.
-fn client_addrs(t: &Topo, hosts: &[u8]) {
-    for n in hosts {
-        t.client
-            .ip(&["addr", "add", &format!("10.10.1.{n}/24"), "dev", "eth0"]);
-    }
-}
-
 /// What a client saw from one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Answer {
@@ -107,16 +99,6 @@ enum Answer {
     Refused,
     /// Nothing within the bound: the connection hangs.
     Hang,
-}
-
-/// Connects from `src` (an IP of the calling thread's namespace) to `dst`; `None` on refusal.
-fn connect_from(src: &str, dst: &str, bound: Duration) -> Option<TcpStream> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    let from: SocketAddr = format!("{src}:0").parse().unwrap();
-    s.bind(&from.into()).expect("bind client address");
-    let to: SocketAddr = dst.parse().unwrap();
-    s.connect_timeout(&to.into(), bound).ok()?;
-    Some(s.into())
 }
 
 /// Sends a line on an open connection and waits up to `bound` for its echo.
@@ -139,7 +121,7 @@ fn open_many(src: &str, n: usize, bound: Duration) -> (Vec<Answer>, Vec<TcpStrea
     let mut answers = Vec::new();
     let mut kept = Vec::new();
     for _ in 0..n {
-        match connect_from(src, ECHO, bound) {
+        match connect_from(src, ECHO, bound).ok() {
             None => answers.push(Answer::Refused),
             Some(mut s) => {
                 answers.push(probe(&mut s, bound));
@@ -157,7 +139,7 @@ fn count(answers: &[Answer], a: Answer) -> usize {
 /// A new connection from `src` and how it was answered, with the time to the answer.
 fn one_answer(src: &str, bound: Duration) -> (Answer, Duration) {
     let t0 = Instant::now();
-    let a = match connect_from(src, ECHO, bound) {
+    let a = match connect_from(src, ECHO, bound).ok() {
         None => Answer::Refused,
         Some(mut s) => probe(&mut s, bound),
     };
@@ -330,7 +312,7 @@ fn a_multicast_group_someone_else_joined_does_not_reach_etp() {
 fn one_source_over_its_share_is_refused_and_others_are_served() {
     require_root!();
     let t = topo();
-    client_addrs(&t, &[3, 4]);
+    t.add_client_addrs(&[3, 4]);
     let etp = start_etp_alone(&t.router, &config("max_tcp_flows_per_source = 20"));
     let ns = t.client.name.clone();
     let (noisy, other, kept) = in_netns(&ns, || {
@@ -371,7 +353,7 @@ fn one_source_over_its_share_is_refused_and_others_are_served() {
 fn a_saturated_etp_answers_a_new_source_at_once() {
     require_root!();
     let t = topo();
-    client_addrs(&t, &[3, 4, 5, 6]);
+    t.add_client_addrs(&[3, 4, 5, 6]);
     let etp = start_etp_alone(
         &t.router,
         &config("max_tcp_flows = 20\nmax_tcp_flows_per_source = 0"),
@@ -417,7 +399,7 @@ fn a_saturated_etp_answers_a_new_source_at_once() {
 fn a_udp_flood_from_one_source_does_not_starve_another() {
     require_root!();
     let t = topo();
-    client_addrs(&t, &[3, 4]);
+    t.add_client_addrs(&[3, 4]);
     let etp = start_etp_alone(
         &t.router,
         &config(&std::env::var("FLOODCFG").unwrap_or_default()),

@@ -8,10 +8,10 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::topo::{dig, in_netns, metric, start_etp, start_etp_with, sum, topo, Opts, Topo};
+use common::topo::{dig, in_netns, metric, start_etp, start_etp_with, sum, topo, Opts};
 use common::Netns;
 
 /// The quiet client keeps the topology's address; the noisy one gets a second address.
@@ -47,11 +47,6 @@ action = "direct"
     )
 }
 
-fn add_noisy_address(t: &Topo) {
-    t.client
-        .ip(&["addr", "add", &format!("{NOISY}/24"), "dev", "eth0"]);
-}
-
 /// The packet counter of the first rule of etp's prerouting chain whose comment is `comment`
 /// (0 when there is no such rule, so that a run without the rules fails on the behaviour).
 fn rule_packets(ns: &Netns, comment: &str) -> u64 {
@@ -71,19 +66,12 @@ fn rule_packets(ns: &Netns, comment: &str) -> u64 {
         .expect("packet count")
 }
 
-/// A TCP connection from `src` to `dst` made inside `ns`, or the connect error.
-fn connect_from(ns: &Netns, src: &str, dst: &str, timeout: Duration) -> std::io::Result<TcpStream> {
-    let dst: SocketAddr = dst.parse().unwrap();
-    let src = SocketAddr::new(src.parse().unwrap(), 0);
+/// A TCP connection from `src` to `dst` made inside `ns` (read timeout `timeout`), or the
+/// connect error.
+fn connect_in(ns: &Netns, src: &str, dst: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let (src, dst) = (src.to_string(), dst.to_string());
     in_netns(&ns.name, move || {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(dst),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        s.bind(&src.into())?;
-        s.connect_timeout(&dst.into(), timeout)?;
-        let s: TcpStream = s.into();
+        let s = common::topo::connect_from(&src, &dst, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         Ok(s)
     })
@@ -107,7 +95,7 @@ fn flows_addressed_to_the_node_itself_on_the_listener_port_are_refused() {
 
     // TCP from the client to the router's own address on the listener port: a reset.
     let started = Instant::now();
-    let err = connect_from(&t.client, QUIET, &listener, Duration::from_secs(3))
+    let err = connect_in(&t.client, QUIET, &listener, Duration::from_secs(3))
         .expect_err("a connection to the router's listener port must be refused");
     assert_eq!(
         err.kind(),
@@ -116,7 +104,7 @@ fn flows_addressed_to_the_node_itself_on_the_listener_port_are_refused() {
         started.elapsed()
     );
     // IPv6, and from the router itself, over loopback and its own addresses.
-    let err = connect_from(
+    let err = connect_in(
         &t.client,
         "fd10:1::2",
         "[fd10:1::1]:15001",
@@ -129,7 +117,7 @@ fn flows_addressed_to_the_node_itself_on_the_listener_port_are_refused() {
         ("0.0.0.0", "10.10.2.1:15001"),
         ("::", "[::1]:15001"),
     ] {
-        let err = connect_from(&t.router, src, dst, Duration::from_secs(3))
+        let err = connect_in(&t.router, src, dst, Duration::from_secs(3))
             .expect_err("a local connection to the listener port must be refused");
         assert_eq!(
             err.kind(),
@@ -179,8 +167,8 @@ fn flows_addressed_to_the_node_itself_on_the_listener_port_are_refused() {
 fn a_source_over_its_share_is_reset_and_another_source_is_served() {
     require_root!();
     let t = topo();
-    add_noisy_address(&t);
-    // Resync every second: it also copies the limit rules' counters into the metrics.
+    t.add_client_addrs(&[3]); // NOISY
+                              // Resync every second: it also copies the limit rules' counters into the metrics.
     let opts = Opts {
         resync_seconds: 1,
         ..Opts::default()
@@ -191,7 +179,7 @@ fn a_source_over_its_share_is_reset_and_another_source_is_served() {
     // The noisy source holds its share...
     let mut held = Vec::new();
     for i in 0..4 {
-        let mut s = connect_from(&t.client, NOISY, echo_addr, Duration::from_secs(3))
+        let mut s = connect_in(&t.client, NOISY, echo_addr, Duration::from_secs(3))
             .unwrap_or_else(|e| panic!("connection {i} within the share: {e}"));
         assert_eq!(echo(&mut s, b"mine").expect("echo"), b"mine");
         held.push(s);
@@ -199,7 +187,7 @@ fn a_source_over_its_share_is_reset_and_another_source_is_served() {
     // ...and every connection beyond it is reset at once, not left hanging.
     for i in 0..6 {
         let started = Instant::now();
-        match connect_from(&t.client, NOISY, echo_addr, Duration::from_secs(3)) {
+        match connect_in(&t.client, NOISY, echo_addr, Duration::from_secs(3)) {
             Err(e) => assert_eq!(
                 e.kind(),
                 std::io::ErrorKind::ConnectionRefused,
@@ -210,7 +198,7 @@ fn a_source_over_its_share_is_reset_and_another_source_is_served() {
         }
     }
     // Another source is served.
-    let mut s = connect_from(&t.client, QUIET, echo_addr, Duration::from_secs(1))
+    let mut s = connect_in(&t.client, QUIET, echo_addr, Duration::from_secs(1))
         .expect("the quiet source connects");
     assert_eq!(echo(&mut s, b"quiet").expect("quiet echo"), b"quiet");
     assert!(rule_packets(&t.router, "etp route echo: tcp -> direct (source flows)") >= 6);
@@ -232,7 +220,7 @@ fn a_source_over_its_share_is_reset_and_another_source_is_served() {
     // A closed connection frees its slot.
     held.pop();
     let freed = common::wait_for(Duration::from_secs(5), || {
-        connect_from(&t.client, NOISY, echo_addr, Duration::from_secs(2)).ok()
+        connect_in(&t.client, NOISY, echo_addr, Duration::from_secs(2)).ok()
     });
     assert!(freed.is_some(), "a closed connection never freed its slot");
     let m = etp.metrics();
@@ -281,7 +269,7 @@ const QUERY: &[u8] =
 fn a_udp_flood_from_one_source_leaves_dns_working_for_another() {
     require_root!();
     let t = topo();
-    add_noisy_address(&t);
+    t.add_client_addrs(&[3]); // NOISY
     let _etp = start_etp(&t.router, &cfg(""));
     assert_eq!(dig(&t.client, "10.96.0.10"), "10.1.2.3");
 

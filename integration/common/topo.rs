@@ -34,6 +34,36 @@ pub struct Topo {
     pub _servers: Vec<Proc>,
 }
 
+impl Topo {
+    /// Adds `10.10.1.{n}` for each `n` to the client's interface, so that one client namespace
+    /// plays several sources.
+    pub fn add_client_addrs(&self, hosts: &[u8]) {
+        for n in hosts {
+            self.client
+                .ip(&["addr", "add", &format!("10.10.1.{n}/24"), "dev", "eth0"]);
+        }
+    }
+}
+
+/// A TCP connection from `src` (an address of the calling thread's namespace) to `dst`.
+pub fn connect_from(
+    src: &str,
+    dst: &str,
+    timeout: Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    let dst: std::net::SocketAddr = dst.parse().expect("destination address");
+    let src = std::net::SocketAddr::new(src.parse().expect("source address"), 0);
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(dst),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    // A bind failure is the test's own setup going wrong, never an answer from etp.
+    s.bind(&src.into()).expect("bind the client address");
+    s.connect_timeout(&dst.into(), timeout)?;
+    Ok(s.into())
+}
+
 const SERVICE_ADDRS: [&str; 7] = [
     "10.96.0.10/32",
     "10.96.0.20/32",
