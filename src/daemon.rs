@@ -332,11 +332,8 @@ impl Daemon {
     async fn reload(&mut self) {
         let started = Instant::now();
         let result = self.try_reload().await;
-        let label = if result.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .reloads_total
-            .get_or_create(&ResultLabels { result: label })
-            .inc();
+        // The log line goes out before the counter moves: whoever sees the counter (a test, an
+        // alert) then also finds the line (stderr is written synchronously).
         match &result {
             Ok(()) => info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -345,6 +342,11 @@ impl Daemon {
             ),
             Err(e) => error!(error = %e, "reload failed; the previous config stays in force"),
         }
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .reloads_total
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
         self.last_reload = Some((SystemTime::now(), result));
         self.publish_status();
     }
