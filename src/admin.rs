@@ -157,6 +157,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             // The connection's descriptor is closed by now: take it back into reserve.
             spare.restore();
         });
+        // Let the connection just spawned read and answer what it already has before the next
+        // accept: in a burst of connections (a hog opening hundreds at once) the accept loop is
+        // always ready and would otherwise admit MAX_CONNECTIONS newer ones, shedding a probe
+        // whose request was waiting in its socket, before the probe's task ever ran (seen once in
+        // CI: `probes_answer_while_admin_connections_are_hogged`).
+        tokio::task::yield_now().await;
     }
 }
 
