@@ -419,13 +419,12 @@ fn kernel_handoff_flows_are_logged_with_route_and_bytes() {
         rust_log: None,
         ..opts()
     };
+    assert_eq!(acct(&t.router), "0", "a new namespace counts no bytes");
     let etp = start_etp_with(&t.router, &cfg("kernel", false, ""), o);
     assert_eq!(
-        t.router
-            .sh("cat /proc/sys/net/netfilter/nf_conntrack_acct")
-            .trim(),
+        acct(&t.router),
         "1",
-        "etp turns on conntrack accounting in kernel mode"
+        "etp turns on conntrack accounting for the flow log"
     );
     for url in [
         "http://10.96.0.10:8080/",
@@ -474,6 +473,55 @@ fn kernel_handoff_flows_are_logged_with_route_and_bytes() {
             r#"etp_bytes_total{route="mesh",direction="upstream_to_client"}"#
         ) > 0,
         "{m}"
+    );
+    let _ = stop_etp(etp);
+    assert_eq!(
+        acct(&t.router),
+        "0",
+        "etp puts the namespace's sysctl back when it stops"
+    );
+}
+
+fn acct(ns: &Netns) -> String {
+    ns.sh("cat /proc/sys/net/netfilter/nf_conntrack_acct")
+        .trim()
+        .to_string()
+}
+
+/// Without flow lines in the log (`info`), etp reads no conntrack events (they cost a third of
+/// the connection rate) and turns nothing on; `etp_kernel_handoffs` still counts the route's
+/// hand-offs, from the counters of its labelling rules.
+#[test]
+fn kernel_handoffs_without_flow_log_are_counted_by_the_ruleset() {
+    require_root!();
+    let t = topo();
+    let log = TempFile::new("standin.log", "");
+    let _standin = start_standin_with(&t.router, &log, &HANDOFF_LISTEN, 4);
+    let o = Opts {
+        rust_log: Some("etp=info".to_string()),
+        ..opts()
+    };
+    let etp = start_etp_with(&t.router, &cfg("kernel", false, ""), o);
+    for url in [
+        "http://10.96.0.10:8080/",
+        "http://[fd00:10:96::a]:8080/",
+        "http://10.96.0.10:8080/",
+    ] {
+        let body = curl(&t.client, url);
+        assert!(body.starts_with("hello from"), "{body}");
+    }
+    assert_eq!(standin_lines(&log).len(), 3);
+    let want = r#"etp_kernel_handoffs{route="mesh"}"#;
+    let counted = wait_for(Duration::from_secs(10), || {
+        let m = etp.metrics();
+        (metric(&m, want) == 3).then_some(())
+    });
+    assert!(counted.is_some(), "{}", etp.metrics());
+    assert_eq!(acct(&t.router), "0", "no flow log, no accounting");
+    let log_text = etp.log_text();
+    assert!(
+        !log_text.contains("conntrack") && !log_text.contains("closed (kernel hand-off)"),
+        "{log_text}"
     );
     let _ = stop_etp(etp);
 }

@@ -19,6 +19,7 @@ use crate::admin::{self, AdminState};
 use crate::classify::Decision;
 use crate::config::{Config, Source};
 use crate::dataplane::{Dataplane, FlowPolicy, ListenError, Listeners, UNMATCHED};
+use crate::handoff_flows::{self, FlowLog};
 use crate::health::{self, Probe};
 use crate::kernel::{Change, Kernel, KernelError, Monitor};
 use crate::metrics::{FlowLabels, Metrics, RefusalLabels, ResultLabels};
@@ -129,9 +130,10 @@ struct Daemon {
     probe_tx: watch::Sender<Probe>,
     /// The health task's verdicts.
     proxy_rx: watch::Receiver<ProxyState>,
-    /// Whether conntrack events of kernel hand-offs are read (started with the first config
-    /// that hands flows over in the kernel; it then runs until etp stops).
-    flow_events: bool,
+    /// The per-flow log of kernel hand-offs from conntrack events: started with the first
+    /// config that hands flows over in the kernel when the log level asks for flow lines
+    /// (`handoff_flows::wanted`); it then runs until etp stops.
+    flow_log: Option<FlowLog>,
 }
 
 /// One probe before the first apply, so that the first ruleset already follows the proxy.
@@ -210,10 +212,6 @@ pub async fn run(source: Source, cfg: Config) -> Result<(), DaemonError> {
     // The one classifier: the ruleset is planned from the one the data path routes flows with.
     let desired = plan::plan_for(&cfg, &policy.classifier, proxy);
     let (policy_tx, policy_rx) = watch::channel(policy);
-    let flow_events = crate::plan_handoff::kernel_handoff(&cfg);
-    if flow_events {
-        crate::handoff_flows::spawn(policy_tx.subscribe(), Arc::clone(&metrics));
-    }
     let dataplane = Arc::new(Dataplane::new(policy_rx, Arc::clone(&metrics)));
     let serving = Serving::start(&dataplane, listeners, cfg.listener.port, cfg.listener.ipv6);
 
@@ -232,6 +230,9 @@ pub async fn run(source: Source, cfg: Config) -> Result<(), DaemonError> {
         routes = %applied.routes,
         "ruleset applied"
     );
+    // After the apply: nothing returns early between here and the daemon that stops it.
+    let flow_log = (crate::plan_handoff::kernel_handoff(&cfg) && handoff_flows::wanted())
+        .then(|| FlowLog::start(policy_tx.subscribe(), Arc::clone(&metrics)));
     admin_state.ready.store(true, Ordering::SeqCst);
     write_pid_file(&cfg);
     notify_ready();
@@ -270,7 +271,7 @@ pub async fn run(source: Source, cfg: Config) -> Result<(), DaemonError> {
         proxy,
         probe_tx,
         proxy_rx,
-        flow_events,
+        flow_log,
     };
     d.publish_status();
     d.serve(&mut signals).await;
@@ -419,9 +420,14 @@ impl Daemon {
         }
         self.monitor.set_route_table(cfg.kernel.route_table);
         self.probe_tx.send_replace(Probe::of(&cfg));
-        if !self.flow_events && crate::plan_handoff::kernel_handoff(&cfg) {
-            crate::handoff_flows::spawn(self.policy_tx.subscribe(), Arc::clone(&self.metrics));
-            self.flow_events = true;
+        if self.flow_log.is_none()
+            && crate::plan_handoff::kernel_handoff(&cfg)
+            && handoff_flows::wanted()
+        {
+            self.flow_log = Some(FlowLog::start(
+                self.policy_tx.subscribe(),
+                Arc::clone(&self.metrics),
+            ));
         }
         self.cfg = cfg;
         self.desired = desired;
@@ -479,10 +485,12 @@ impl Daemon {
     }
 
     /// Copies the counters of the ruleset's refusing rules (guard, per-source limits) into
-    /// `etp_kernel_refused_packets`; a route's rules for several families add up.
-    fn read_kernel_refusals(&mut self) {
+    /// `etp_kernel_refused_packets`, and of its kernel hand-off rules into
+    /// `etp_kernel_handoffs`; a route's rules for several families add up.
+    fn read_rule_counters(&mut self) {
         let refusals = plan::refusals(&self.desired);
-        if refusals.is_empty() {
+        let handoffs = crate::plan_handoff::handoff_counters(&self.desired);
+        if refusals.is_empty() && handoffs.is_empty() {
             return;
         }
         let counters = match self.kernel.rule_packets() {
@@ -517,12 +525,28 @@ impl Daemon {
                 .get_or_create(&labels)
                 .set(i64::try_from(packets).unwrap_or(i64::MAX));
         }
+        let mut sums: std::collections::HashMap<String, u64> = Default::default();
+        let mut seen = std::collections::HashSet::new();
+        for (comment, route) in handoffs.iter().filter(|(c, _)| seen.insert(c.clone())) {
+            let packets: u64 = counters
+                .iter()
+                .filter(|(c, _)| c == comment)
+                .map(|(_, p)| p)
+                .sum();
+            *sums.entry(route.clone()).or_default() += packets;
+        }
+        for (route, packets) in sums {
+            self.metrics
+                .kernel_handoffs
+                .get_or_create(&crate::metrics::RouteLabels { route })
+                .set(i64::try_from(packets).unwrap_or(i64::MAX));
+        }
     }
 
     /// Drift check: the generation id first (cheap); a full audit only when it moved; routing
     /// is checked on every tick (two small dumps). Drift is repaired in one transaction.
     async fn resync(&mut self) {
-        self.read_kernel_refusals();
+        self.read_rule_counters();
         let generation = match self.kernel.generation() {
             Ok(g) => g,
             Err(e) => {
@@ -599,6 +623,9 @@ impl Daemon {
                 }
                 Err(e) => error!(error = %chain(&e), "removing the ruleset"),
             }
+        }
+        if let Some(log) = self.flow_log.take() {
+            log.stop();
         }
         crate::pidfile::remove_own(&self.cfg.daemon.pid_file);
         info!("etp stopped");

@@ -23,26 +23,62 @@ use crate::metrics::{ByteLabels, Direction, FlowLabels, Metrics};
 use crate::plan_handoff::route_of_ct_mark;
 use crate::telemetry::chain;
 
-/// Turns on conntrack accounting in this namespace, says what it did, and spawns the reader.
-pub fn spawn(runtime: watch::Receiver<Arc<FlowPolicy>>, metrics: Arc<Metrics>) {
-    for (path, r) in ct_events::enable_accounting() {
-        match r {
-            Ok(true) => info!(
-                sysctl = path,
-                "turned on for kernel hand-off flow logs and byte counts"
-            ),
-            Ok(false) => {}
-            Err(e) => warn!(sysctl = path, error = %e,
-                "cannot turn on: kernel hand-off flows are logged without bytes or duration"),
+/// Whether the log asks for a line per finished flow (`-v=1` and up, or `RUST_LOG` with
+/// `etp::handoff_flows=debug`). Only then does etp read conntrack events: a listener makes the
+/// kernel build an event for every TCP state change of every connection in the namespace, and
+/// reading them cost about 30% of the kernel hand-off's connection rate in the benchmark
+/// (BENCHMARKS.md). The per-route count of hand-offs comes from rule counters either way.
+pub fn wanted() -> bool {
+    tracing::enabled!(tracing::Level::DEBUG)
+}
+
+/// The flow log's reader, and the sysctls it turned on (put back when etp stops: they are
+/// the namespace's, not etp's).
+pub struct FlowLog {
+    turned_on: Vec<&'static str>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl FlowLog {
+    /// Turns on conntrack accounting in this namespace, says what it did, and spawns the
+    /// reader.
+    pub fn start(runtime: watch::Receiver<Arc<FlowPolicy>>, metrics: Arc<Metrics>) -> FlowLog {
+        let mut turned_on = Vec::new();
+        for (path, r) in ct_events::enable_accounting() {
+            match r {
+                Ok(true) => {
+                    info!(
+                        sysctl = path,
+                        "turned on for kernel hand-off flow logs (until etp stops)"
+                    );
+                    turned_on.push(path);
+                }
+                Ok(false) => {}
+                Err(e) => warn!(sysctl = path, error = %e,
+                    "cannot turn on: kernel hand-off flows are logged without bytes or duration"),
+            }
         }
+        let events = CtEvents::open().and_then(|ev| Ok((ev, Conntrack::open()?)));
+        let task = match events {
+            Ok((events, ct)) => Some(tokio::spawn(run(events, ct, runtime, metrics))),
+            Err(e) => {
+                warn!(error = %chain(&e), "conntrack events unavailable: kernel hand-off flows are not logged");
+                None
+            }
+        };
+        FlowLog { turned_on, task }
     }
-    let events = CtEvents::open().and_then(|ev| Ok((ev, Conntrack::open()?)));
-    match events {
-        Ok((events, ct)) => {
-            tokio::spawn(run(events, ct, runtime, metrics));
+
+    /// Stops reading events and turns off what `start` turned on.
+    pub fn stop(self) {
+        if let Some(t) = self.task {
+            t.abort();
         }
-        Err(e) => {
-            warn!(error = %chain(&e), "conntrack events unavailable: kernel hand-off flows are not logged");
+        for (path, r) in ct_events::disable_accounting(&self.turned_on) {
+            match r {
+                Ok(()) => info!(sysctl = path, "turned off again"),
+                Err(e) => warn!(sysctl = path, error = %e, "cannot turn off again"),
+            }
         }
     }
 }

@@ -115,6 +115,11 @@ pub struct RefusalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -163,6 +168,10 @@ pub struct Metrics {
     /// Packets the ruleset's guard and per-source limit rules refused, read from their
     /// counters at every resync; the counters restart when the table is replaced.
     pub kernel_refused: Family<RefusalLabels, Gauge>,
+    /// Connections the ruleset handed to Linkerd in the kernel (`handoff = "kernel"`), by
+    /// route: the packets its labelling rules counted (one per connection), read at every
+    /// resync; they restart when the table is replaced.
+    pub kernel_handoffs: Family<RouteLabels, Gauge>,
     pub build_info: Family<VersionLabels, Gauge>,
     /// 1 while the Linkerd proxy passes etp's health check.
     pub proxy_ready: Gauge,
@@ -195,6 +204,7 @@ impl Metrics {
             drift_repairs_total: Counter::default(),
             ruleset_generation: Gauge::default(),
             kernel_refused: Family::default(),
+            kernel_handoffs: Family::default(),
             build_info: Family::default(),
             proxy_ready: Gauge::default(),
             proxy_switches_total: Family::default(),
@@ -257,6 +267,12 @@ impl Metrics {
             "Packets refused by etp's ruleset (guard, per-source limits) since it was last \
              replaced, by route, protocol and reason; read at every resync",
             m.kernel_refused.clone(),
+        );
+        registry.register(
+            "kernel_handoffs",
+            "Connections etp's ruleset handed to the Linkerd proxy in the kernel since it was \
+             last replaced, by route; read at every resync",
+            m.kernel_handoffs.clone(),
         );
         registry.register("build_info", "etp's version", m.build_info.clone());
         registry.register(

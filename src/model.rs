@@ -400,6 +400,8 @@ impl Meter {
 pub enum Verdict {
     /// `return`
     Return,
+    /// `accept` (this base chain is done with the packet; later hooks still see it)
+    Accept,
     /// `meta mark set M accept`
     MarkAccept(FwMark),
     /// `tproxy ip to :PORT meta mark set M accept` (nft needs the family in an inet table once
@@ -519,6 +521,7 @@ impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Verdict::Return => f.write_str("return"),
+            Verdict::Accept => f.write_str("accept"),
             Verdict::MarkAccept(m) => write!(f, "meta mark set {m} accept"),
             Verdict::Tproxy { family, port, mark } => write!(
                 f,

@@ -59,11 +59,14 @@ pub fn plan_for(cfg: &Config, cls: &Classifier, proxy: ProxyState) -> Desired {
     let bypass_rules = bypass_rules(&bypass, bypass_ports.as_deref());
     let (limits, meters) = SourceLimits::new(cfg, &mut sets);
 
+    let handed = plan_handoff::handed_off_rule(cfg);
     let mut pre = own_rules.to_vec();
+    pre.extend(handed.clone());
     pre.extend(guard_rules(cfg));
     pre.extend(bypass_rules.iter().cloned());
 
     let mut out = own_rules.to_vec();
+    out.extend(handed);
     out.push(Rule {
         matches: vec![Match::SkUid(cfg.linkerd.proxy_uid)],
         verdict: Verdict::Return,
@@ -163,8 +166,9 @@ fn route_rules(
             if *proto == Proto::Tcp {
                 // Only the SYN is TPROXY'd: later packets of the flow must find the socket
                 // by their post-NAT addresses (chain `established`), which a tproxy lookup
-                // here, before any DNAT, cannot.
-                pre_matches.push(Match::TcpSyn);
+                // here, before any DNAT, cannot. The flag test goes first: it is one compare
+                // that every later packet fails before the set lookups.
+                pre_matches.insert(0, Match::TcpSyn);
             }
             pre.push(Rule {
                 matches: pre_matches.clone(),
@@ -210,11 +214,14 @@ fn chains(cfg: &Config, pre: Vec<Rule>, out: Vec<Rule>) -> Vec<Chain> {
             kind: ChainType::Filter,
             hook: Hook::Prerouting,
             priority: PRIO_AFTER_DNAT,
-            rules: vec![Rule {
-                matches: vec![Match::L4Proto(Proto::Tcp), Match::SocketTransparent],
-                verdict: Verdict::MarkAccept(k.tproxy_mark),
-                comment: "etp: packets of flows etp already accepted".to_string(),
-            }],
+            rules: plan_handoff::handed_off_rule(cfg)
+                .into_iter()
+                .chain([Rule {
+                    matches: vec![Match::L4Proto(Proto::Tcp), Match::SocketTransparent],
+                    verdict: Verdict::MarkAccept(k.tproxy_mark),
+                    comment: "etp: packets of flows etp already accepted".to_string(),
+                }])
+                .collect(),
         },
     ];
     if cfg.listener.local {

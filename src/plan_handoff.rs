@@ -83,7 +83,8 @@ pub fn pre_rule_in(
 ) -> Rule {
     // Only the first packet: later packets of a flow that started under another state (or of
     // a kernel hand-off, already translated by conntrack) must not be relabelled or reset.
-    matches.push(Match::TcpSyn);
+    // First in the rule: one compare that later packets fail before any set lookup.
+    matches.insert(0, Match::TcpSyn);
     pre_or_out(cfg, index, matches, comment, proxy)
 }
 
@@ -129,6 +130,45 @@ fn pre_or_out(
         verdict,
         comment,
     }
+}
+
+/// The first rule after etp's own marks in prerouting, output and `established` with the
+/// kernel hand-off: packets of a connection already labelled (handed off by its first packet)
+/// leave etp's chains at once. Without it every packet of a hand-off would walk the route
+/// rules' set lookups and `established`'s socket lookup, which kernel NAT alone does not pay.
+/// A labelled connection needs nothing more from etp: conntrack applies its NAT binding.
+pub fn handed_off_rule(cfg: &Config) -> Option<Rule> {
+    kernel_handoff(cfg).then(|| Rule {
+        matches: vec![Match::CtMarkAny {
+            mask: CT_ROUTE_MASK,
+        }],
+        verdict: Verdict::Accept,
+        comment: "etp: packets of connections already handed to linkerd in the kernel".to_string(),
+    })
+}
+
+/// The rules that hand a route's new connections to Linkerd in the kernel, as (comment,
+/// route name): their counters count the route's kernel hand-offs (the metric
+/// `etp_kernel_handoffs`). A route's rules for several families and for node-local traffic
+/// share the route name.
+pub fn handoff_counters(desired: &crate::model::Desired) -> Vec<(String, String)> {
+    desired
+        .table
+        .chains
+        .iter()
+        .flat_map(|c| &c.rules)
+        .filter(|r| matches!(r.verdict, Verdict::CtMarkAccept { .. }))
+        .map(|r| {
+            // Route comments are `etp route NAME: tcp -> linkerd ...` (`Route::comment`).
+            let route = r
+                .comment
+                .strip_prefix("etp route ")
+                .and_then(|rest| rest.rsplit_once(": tcp -> "))
+                .map(|(name, _)| name.to_string())
+                .unwrap_or_default();
+            (r.comment.clone(), route)
+        })
+        .collect()
 }
 
 /// Whether the ruleset needs the kernel hand-off's chains and interface.

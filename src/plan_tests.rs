@@ -107,8 +107,8 @@ fn sources_limit_families_and_rules_follow_config_order() {
     );
     assert_eq!(
         routed[0].to_string(),
-        "ip saddr @r0_first_src4 ip daddr @r0_first_dst4 tcp dport @r0_first_ports \
-         tcp flags & (fin | syn | rst | ack) == syn counter tproxy ip to :15001 meta mark set 0x00001000 accept comment \"etp route first: tcp -> direct\""
+        "tcp flags & (fin | syn | rst | ack) == syn ip saddr @r0_first_src4 ip daddr @r0_first_dst4 \
+         tcp dport @r0_first_ports counter tproxy ip to :15001 meta mark set 0x00001000 accept comment \"etp route first: tcp -> direct\""
     );
     // Established transparent flows are recognised after NAT, in their own chain.
     let est = d
@@ -223,6 +223,49 @@ fn kernel_handoff_matches_golden() {
 }
 
 #[test]
+fn labelled_connections_leave_every_filter_chain_first_and_only_with_the_kernel_handoff() {
+    let d = plan(&kernel_cfg());
+    let fast = "ct mark & 0x0fff0000 != 0x00000000 counter accept";
+    for (chain, at) in [("prerouting", 2), ("output", 2), ("established", 0)] {
+        let c = d.table.chains.iter().find(|c| c.name == chain).unwrap();
+        assert!(
+            c.rules[at].to_string().starts_with(fast),
+            "{chain}: {}",
+            c.rules[at]
+        );
+        // Only there: the route rules below it stay as they were.
+        let n = c
+            .rules
+            .iter()
+            .filter(|r| r.to_string().starts_with(fast))
+            .count();
+        assert_eq!(n, 1, "{chain}");
+    }
+    let mut relay = kernel_cfg();
+    relay.linkerd.handoff = crate::config::HandoffMode::Relay;
+    assert!(!plan(&relay).to_string().contains(fast));
+}
+
+#[test]
+fn kernel_handoffs_are_counted_by_route_from_the_labelling_rules() {
+    let d = plan(&kernel_cfg());
+    let c = crate::plan_handoff::handoff_counters(&d);
+    // IPv4 and IPv6 in prerouting, both again in output (local): one route.
+    assert_eq!(c.len(), 4, "{c:?}");
+    assert!(c.iter().all(|(_, route)| route == "mesh"), "{c:?}");
+    assert!(c
+        .iter()
+        .any(|(comment, _)| comment == "etp route mesh: tcp -> linkerd"));
+    assert!(c
+        .iter()
+        .any(|(comment, _)| comment == "etp route mesh: tcp -> linkerd (local)"));
+    // Unavailable proxy: no labelling rule, nothing counted as handed off.
+    let cls = Classifier::new(&kernel_cfg());
+    let down = plan_for(&kernel_cfg(), &cls, ProxyState::Unavailable);
+    assert!(crate::plan_handoff::handoff_counters(&down).is_empty());
+}
+
+#[test]
 fn kernel_handoff_labels_in_route_order_and_dnats_labelled_connections() {
     let d = plan(&kernel_cfg());
     let text = d.to_string();
@@ -289,7 +332,7 @@ fn proxy_unavailable_refuses_or_goes_direct_in_both_modes() {
             assert!(!text.contains("ct mark set"), "{text}");
             assert!(
                 text.contains(&format!(
-                    "tcp flags & (fin | syn | rst | ack) == syn counter {verdict} comment \"etp route a: tcp -> linkerd {suffix}\""
+                    "tcp flags & (fin | syn | rst | ack) == syn ip daddr @r0_a_dst4 tcp dport @r0_a_ports counter {verdict} comment \"etp route a: tcp -> linkerd {suffix}\""
                 )),
                 "{text}"
             );

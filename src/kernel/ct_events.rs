@@ -181,6 +181,14 @@ pub fn enable_accounting() -> Vec<(&'static str, io::Result<bool>)> {
         .collect()
 }
 
+/// Writes 0 to each of `paths` (the sysctls [`enable_accounting`] turned on).
+pub fn disable_accounting(paths: &[&'static str]) -> Vec<(&'static str, io::Result<()>)> {
+    paths
+        .iter()
+        .map(|path| (*path, std::fs::write(path, "0")))
+        .collect()
+}
+
 /// What [`CtEvents::next`] returns.
 pub enum Event {
     Closing(Vec<Closing>),

@@ -721,6 +721,7 @@ fn add_exprs(
     };
     match &rule.verdict {
         Verdict::Return => r.add_expr(&NVerdict::Return),
+        Verdict::Accept => r.add_expr(&NVerdict::Accept),
         Verdict::Drop => r.add_expr(&NVerdict::Drop),
         Verdict::MarkAccept(m) => {
             set_mark(r, *m);

@@ -67,6 +67,25 @@ fn local_config_rules_match_nft_expression_for_expression() {
 }
 
 #[test]
+fn kernel_handoff_rules_match_nft_expression_for_expression() {
+    let cfg = Config::parse(
+        include_str!("../../../rulesets/kernel.toml"),
+        "rulesets/kernel.toml",
+    )
+    .expect("golden config is valid");
+    let table = crate::plan::plan(&cfg).table;
+    let batch = encode(&table).unwrap();
+    // nft sends `dnat` with min only and PROTO_SPECIFIED; the kernel fills max = min and adds
+    // MAP_IPS, and dumps that back. etp sends the dumped form so that audit compares equal
+    // (`expr::Dnat`): the same rule, written out.
+    let nft = golden(include_str!("../../../rulesets/kernel.netlink.txt")).replace(
+        "addr_min reg 1 proto_min reg 2 flags 0x2",
+        "addr_min reg 1 addr_max reg 1 proto_min reg 2 proto_max reg 2 flags 0x3",
+    );
+    assert_same_lines(&rules_debug(&batch), &nft);
+}
+
+#[test]
 fn default_batch_message_sequence() {
     let table = crate::plan::plan(&Config::embedded()).table;
     let batch = encode(&table).unwrap();

@@ -78,8 +78,8 @@ const NF_NAT_RANGE_MAP_IPS: u32 = 0x1;
 const REG2: u32 = libc::NFT_REG_2 as u32;
 
 /// `dnat ip|ip6 to ADDR:PORT`: the address in register 1, the port (network byte order) in
-/// register 2, min = max, as nft 1.0.6 generates it; the flags are what the kernel reports back
-/// (it sets MAP_IPS and PROTO_SPECIFIED itself), so that audit compares equal.
+/// register 2, min = max and both flags: what the kernel dumps back (nft 1.0.6 sends min only
+/// and PROTO_SPECIFIED; the kernel fills max = min and MAP_IPS), so that audit compares equal.
 pub struct Dnat {
     /// `NFPROTO_IPV4` or `NFPROTO_IPV6`.
     pub nfproto: u32,
