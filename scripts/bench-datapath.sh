@@ -13,6 +13,11 @@
 #                   one client reaches here, so that they measure the cost of the rules, not
 #                   the refusals (the default 2,000/s would refuse most of the `close` phase,
 #                   whose one client opens thousands of connections a second)
+#   etp-nolimits-ct `etp-nolimits` with connection tracking on in the router namespace (a one-rule
+#                   table of the script's own, `ct state invalid counter`), as on any Kubernetes
+#                   node (kube-proxy, the CNI): the limits' `ct count` and `ct status` turn
+#                   conntrack on for the namespace, `etp-nolimits` runs without it, so `etp` /
+#                   `etp-nolimits-ct` is the limits' own cost on a node that tracks connections
 #   haproxy         HAProxy, `bind ... transparent`, `server orig 0.0.0.0` (= original destination)
 #   haproxy-splice  the same with `option splice-auto`
 #   nginx           nginx stream, `proxy_pass $server_addr:$server_port`, on a transparent listener
@@ -60,7 +65,7 @@ if [ -n "$L2P" ]; then
   fi
   L2P_ROWS=" etp-l2p etp-l2p-kernel l2p-nat"
 fi
-ROWS=${BENCH_ROWS:-routing etp etp-nolimits etp-2t etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd etp-kernel kernel-nat$L2P_ROWS}
+ROWS=${BENCH_ROWS:-routing etp etp-nolimits etp-nolimits-ct etp-2t etp-splice etp-copy haproxy haproxy-splice nginx etp-linkerd etp-kernel kernel-nat$L2P_ROWS}
 CONNS=${BENCH_CONNS:-1000}
 ROUNDS=${BENCH_ROUNDS:-3}
 PHASES=" ${BENCH_PHASES:-tcp1 tcp4 ka close sys udp idle} "
@@ -298,9 +303,13 @@ start_row() { # $1 = row; sets IPID (main pid) and PIDS (all processes measured)
   IPID=""
   case $1 in
     routing) return 0 ;;
-    etp|etp-splice|etp-copy|etp-2t|etp-nolimits)
+    etp|etp-splice|etp-copy|etp-2t|etp-nolimits|etp-nolimits-ct)
       local cfg="$WORK/etp-direct.toml"
       [ "$1" = etp-nolimits ] && cfg="$WORK/etp-nolimits.toml"
+      if [ "$1" = etp-nolimits-ct ]; then
+        cfg="$WORK/etp-nolimits.toml"
+        nsx "$R" nft -f - <<<'table inet bench_ct { chain pre { type filter hook prerouting priority 0; policy accept; ct state invalid counter; }; }'
+      fi
       [ "$1" = etp-splice ] && cfg="$WORK/etp-splice.toml"
       [ "$1" = etp-copy ] && cfg="$WORK/etp-copy.toml"
       [ "$1" = etp-2t ] && cfg="$WORK/etp-2t.toml"
@@ -365,6 +374,7 @@ stop_row() {
   kill -KILL "$IPID" 2>/dev/null || true
   for pid in $(ip netns pids "$R"); do kill "$pid" 2>/dev/null || true; done  # the stand-in
   nsx "$R" nft delete table ip bench_nat 2>/dev/null || true
+  nsx "$R" nft delete table inet bench_ct 2>/dev/null || true
   nsx "$R" ip link del bench-ho 2>/dev/null || true
   sleep 0.3
   remove_ruleset
