@@ -314,6 +314,9 @@ pub enum Match {
     DportIs { proto: Proto, port: u16 },
     /// `ip saddr != @SET` / `ip6 saddr != @SET`
     SaddrNotIn { family: Family, set: String },
+    /// `ct direction reply`: the packet answers a connection someone else opened (never one
+    /// etp must intercept: TPROXY and the hand-off act on a flow's original direction)
+    CtReply,
     /// `ct status & confirmed == 0`: the packet opens a flow conntrack has not admitted yet
     /// (a UDP flow's first datagram; later ones of an unanswered flow are still `ct state new`)
     CtUnconfirmed,
@@ -512,6 +515,7 @@ impl fmt::Display for Match {
                 write!(f, "{} saddr != @{set}", family.nft_keyword())
             }
             Match::CtUnconfirmed => f.write_str("ct status & confirmed == 0"),
+            Match::CtReply => f.write_str("ct direction reply"),
             Match::OverLimit(l) => write!(f, "{l}"),
         }
     }

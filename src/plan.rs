@@ -78,7 +78,8 @@ pub fn plan_for(cfg: &Config, cls: &Classifier, proxy: ProxyState) -> Desired {
         route_rules(cfg, sel, proxy, &limits, &mut sets, &mut pre, &mut out);
     }
 
-    let chains = chains(cfg, pre, out);
+    let mut chains = chains(cfg, pre, out);
+    replies_leave_first(cfg, &mut chains);
     let families: &[Family] = if cfg.listener.ipv6 {
         &[Family::V4, Family::V6]
     } else {
@@ -268,6 +269,52 @@ fn chains(cfg: &Config, pre: Vec<Rule>, out: Vec<Rule>) -> Vec<Chain> {
         });
     }
     chains
+}
+
+/// When the ruleset already tracks connections (a nat chain, a `ct` match: the per-source
+/// limits or the kernel hand-off), packets that answer a connection leave `prerouting` and
+/// `output` at once (`ct direction reply accept`, after etp's own marks): their rules only act
+/// on a flow's first packet in its original direction (a SYN, an unconfirmed datagram), so
+/// without this rule the replies of every connection on the node (etp's and the proxy's
+/// upstream legs included) walked every route rule for nothing. Not in `established`: the
+/// replies to a `preserve_source` upstream leg (bound to the client's address) find etp's
+/// transparent socket there. Without conntrack the rule is left out: a `ct` expression would
+/// turn connection tracking on for the namespace.
+fn replies_leave_first(cfg: &Config, chains: &mut [Chain]) {
+    if !chains.iter().any(tracks_connections) {
+        return;
+    }
+    let reply = Rule {
+        matches: vec![Match::CtReply],
+        verdict: Verdict::Accept,
+        comment: "etp: packets that answer a connection are never intercepted".to_string(),
+    };
+    let own = own_rules(cfg).len();
+    for c in chains.iter_mut() {
+        match c.name.as_str() {
+            CHAIN_PREROUTING | CHAIN_OUTPUT => c.rules.insert(own, reply.clone()),
+            _ => {}
+        }
+    }
+}
+
+/// Whether the chain makes the kernel track connections (nf_tables takes a conntrack reference
+/// for nat chains and for every `ct` expression).
+fn tracks_connections(c: &Chain) -> bool {
+    c.kind == ChainType::Nat
+        || c.rules.iter().any(|r| {
+            matches!(
+                r.verdict,
+                Verdict::CtMarkAccept { .. } | Verdict::Dnat { .. } | Verdict::Redirect { .. }
+            ) || r.matches.iter().any(|m| match m {
+                Match::CtUnconfirmed
+                | Match::CtEstablished
+                | Match::CtMarkAny { .. }
+                | Match::CtReply => true,
+                Match::OverLimit(l) => matches!(l.limit, crate::model::Limit::CountOver(_)),
+                _ => false,
+            })
+        })
 }
 
 /// One ip rule per family: tproxy-marked packets look up etp's route table.

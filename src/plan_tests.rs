@@ -55,7 +55,9 @@ fn local_adds_a_route_output_chain_with_uid_and_own_mark_returns() {
     let text: Vec<String> = out.rules.iter().map(|r| r.to_string()).collect();
     assert!(text[0].starts_with("meta mark & 0x00003000 == 0x00002000 counter return"));
     assert!(text[1].starts_with("meta mark & 0x00003000 == 0x00003000 counter return"));
-    assert!(text[2].starts_with("meta skuid 2102 counter return"));
+    // Conntrack is on (nat chains): replies leave first, then the proxy's own traffic.
+    assert!(text[2].starts_with("ct direction reply counter accept"));
+    assert!(text[3].starts_with("meta skuid 2102 counter return"));
     assert!(text.last().unwrap().contains(
         "counter meta mark set 0x00001000 comment \"etp route a: tcp -> linkerd (local)\""
     ));
@@ -118,6 +120,7 @@ fn sources_limit_families_and_rules_follow_config_order() {
         .find(|c| c.name == CHAIN_ESTABLISHED)
         .unwrap();
     assert_eq!(est.priority, PRIO_AFTER_DNAT);
+    // Replies too: those of a `preserve_source` upstream leg find etp's socket here.
     assert!(est.rules[0].matches.contains(&Match::SocketTransparent));
     // UDP rules have no SYN test; TCP rules do.
     assert!(!routed[1].matches.contains(&Match::TcpSyn));
@@ -226,7 +229,7 @@ fn kernel_handoff_matches_golden() {
 fn labelled_connections_leave_every_filter_chain_first_and_only_with_the_kernel_handoff() {
     let d = plan(&kernel_cfg());
     let fast = "ct mark & 0x0fff0000 != 0x00000000 counter accept";
-    for (chain, at) in [("prerouting", 2), ("output", 2), ("established", 0)] {
+    for (chain, at) in [("prerouting", 3), ("output", 3), ("established", 0)] {
         let c = d.table.chains.iter().find(|c| c.name == chain).unwrap();
         assert!(
             c.rules[at].to_string().starts_with(fast),
@@ -244,6 +247,48 @@ fn labelled_connections_leave_every_filter_chain_first_and_only_with_the_kernel_
     let mut relay = kernel_cfg();
     relay.linkerd.handoff = crate::config::HandoffMode::Relay;
     assert!(!plan(&relay).to_string().contains(fast));
+}
+
+#[test]
+fn replies_leave_first_only_where_connections_are_tracked_anyway() {
+    let reply = "ct direction reply counter accept";
+    // The default config has the per-source limits (ct count, ct status): conntrack is on.
+    let d = plan(&crate::config::Config::embedded());
+    let pre = d.table.chains.iter().find(|c| c.name == "prerouting");
+    assert!(pre.unwrap().rules[2].to_string().starts_with(reply));
+    let est = d.table.chains.iter().find(|c| c.name == "established");
+    assert!(!est
+        .unwrap()
+        .rules
+        .iter()
+        .any(|r| r.matches == [Match::CtReply]));
+    // No limits, no linkerd route: nothing tracks connections, and etp does not start to.
+    let route = "[[route]]\nname = \"a\"\nprotocols = [\"tcp\", \"udp\"]\n\
+                 destinations = [\"10.0.0.0/8\"]\nports = [53]\naction = \"direct\"\n";
+    let cfg = parse(&format!(
+        "[limits]\nmax_tcp_flows_per_source = 0\nmax_udp_flows_per_source = 0\n\
+         new_flows_per_source_per_second = 0\n{route}"
+    ));
+    let text = plan(&cfg).to_string();
+    for ct in [
+        "ct direction",
+        "ct status",
+        "ct count",
+        "ct mark",
+        "ct state",
+    ] {
+        assert!(!text.contains(ct), "{ct}: {text}");
+    }
+    // A rate limit alone needs no conntrack on TCP; on UDP its `ct status` test turns it on.
+    let tcp_only = route.replace("[\"tcp\", \"udp\"]", "[\"tcp\"]");
+    let cfg = parse(&format!(
+        "[limits]\nmax_tcp_flows_per_source = 0\nmax_udp_flows_per_source = 0\n{tcp_only}"
+    ));
+    assert!(!plan(&cfg).to_string().contains(reply));
+    let cfg = parse(&format!(
+        "[limits]\nmax_tcp_flows_per_source = 0\nmax_udp_flows_per_source = 0\n{route}"
+    ));
+    assert!(plan(&cfg).to_string().contains(reply));
 }
 
 #[test]

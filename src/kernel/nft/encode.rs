@@ -622,6 +622,10 @@ fn add_exprs(
                     ..lookup(set)?
                 });
             }
+            Match::CtReply => {
+                r.add_expr(&super::expr::CtDirection);
+                r.add_expr(&Cmp::new(CmpOp::Eq, 1u8));
+            }
             Match::CtUnconfirmed => {
                 r.add_expr(&Conntrack::Status);
                 r.add_expr(&Bitwise::new(CT_STATUS_CONFIRMED, 0u32));

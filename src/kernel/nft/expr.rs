@@ -72,6 +72,26 @@ impl Expression for Redir {
     }
 }
 
+/// `ct direction` loaded into register 1 (one byte: `IP_CT_DIR_ORIGINAL` 0, `IP_CT_DIR_REPLY`
+/// 1); the `nftnl` crate's `Conntrack` has no direction key.
+pub struct CtDirection;
+
+impl Expression for CtDirection {
+    fn to_expr(&self, _rule: &Rule) -> ptr::NonNull<sys::nftnl_expr> {
+        let e = alloc(c"ct");
+        // SAFETY: `e` is a live ct expression; its key and destination register are u32.
+        unsafe {
+            sys::nftnl_expr_set_u32(
+                e.as_ptr(),
+                sys::NFTNL_EXPR_CT_KEY as u16,
+                libc::NFT_CT_DIRECTION as u32,
+            );
+            sys::nftnl_expr_set_u32(e.as_ptr(), sys::NFTNL_EXPR_CT_DREG as u16, REG1);
+        }
+        e
+    }
+}
+
 /// `NF_NAT_RANGE_MAP_IPS`: the nat expression carries an address (range).
 const NF_NAT_RANGE_MAP_IPS: u32 = 0x1;
 /// Register 2 (`NFT_REG_2`): after a 16-byte address in register 1.
