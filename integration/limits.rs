@@ -66,6 +66,22 @@ fn rule_packets(ns: &Netns, comment: &str) -> u64 {
         .expect("packet count")
 }
 
+/// `dig` for etp.test at the service address through etp, with `extra` flags: its answer, or ""
+/// when the query timed out (3 s; dig then exits non-zero, an unanswered query).
+fn try_dig(ns: &Netns, extra: &[&str]) -> String {
+    let mut args = extra.to_vec();
+    args.extend([
+        "+short",
+        "+time=3",
+        "+tries=1",
+        "@10.96.0.10",
+        "etp.test",
+        "A",
+    ]);
+    let out = ns.try_exec("dig", &args);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A TCP connection from `src` to `dst` made inside `ns` (read timeout `timeout`), or the
 /// connect error.
 fn connect_in(ns: &Netns, src: &str, dst: &str, timeout: Duration) -> std::io::Result<TcpStream> {
@@ -294,19 +310,7 @@ fn a_udp_flood_from_one_source_leaves_dns_working_for_another() {
     std::thread::sleep(Duration::from_secs(2));
     let mut answered = 0;
     for _ in 0..20 {
-        // dig exits non-zero when its query times out (3 s); that is an unanswered query.
-        let out = t.client.try_exec(
-            "dig",
-            &[
-                "+short",
-                "+time=3",
-                "+tries=1",
-                "@10.96.0.10",
-                "etp.test",
-                "A",
-            ],
-        );
-        if String::from_utf8_lossy(&out.stdout).trim() == "10.1.2.3" {
+        if try_dig(&t.client, &[]) == "10.1.2.3" {
             answered += 1;
         }
     }
@@ -319,4 +323,25 @@ fn a_udp_flood_from_one_source_leaves_dns_working_for_another() {
         "only {answered} of 20 DNS queries answered during a flood of {sent} new flows"
     );
     assert!(limited > 0, "the flood never met the per-source rate limit");
+}
+
+/// With the limits on, the table tracks connections, and packets that answer a connection leave
+/// prerouting at `ct direction reply accept`: the server's answers to etp's upstream legs are
+/// counted there and never reach a route rule. A DNS query over UDP and one over TCP through the
+/// `dns` route (etp relays both) must both work and move that rule's counter.
+#[test]
+fn replies_leave_prerouting_at_the_reply_rule() {
+    require_root!();
+    let t = topo();
+    let _etp = start_etp(&t.router, &cfg(""));
+    let reply = "etp: packets that answer a connection are never intercepted";
+    let before = rule_packets(&t.router, reply);
+    assert_eq!(dig(&t.client, "10.96.0.10"), "10.1.2.3");
+    assert_eq!(try_dig(&t.client, &["+tcp"]), "10.1.2.3", "dig +tcp");
+    let after = rule_packets(&t.router, reply);
+    // At least the UDP answer, and the TCP leg's SYN-ACK and answer.
+    assert!(
+        after >= before + 3,
+        "reply rule counted {before} then {after}"
+    );
 }
