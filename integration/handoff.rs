@@ -127,6 +127,18 @@ fn mesh_flows(m: &str) -> u64 {
     )
 }
 
+/// Three HTTP requests through route `mesh` from `ns`: IPv4, IPv6, IPv4 again; each answered.
+fn three_mesh_requests(ns: &Netns) {
+    for url in [
+        "http://10.96.0.10:8080/",
+        "http://[fd00:10:96::a]:8080/",
+        "http://10.96.0.10:8080/",
+    ] {
+        let body = curl(ns, url);
+        assert!(body.starts_with("hello from"), "{body}");
+    }
+}
+
 fn status(etp: &Etp) -> String {
     etp.get("/status").1
 }
@@ -426,14 +438,7 @@ fn kernel_handoff_flows_are_logged_with_route_and_bytes() {
         "1",
         "etp turns on conntrack accounting for the flow log"
     );
-    for url in [
-        "http://10.96.0.10:8080/",
-        "http://[fd00:10:96::a]:8080/",
-        "http://10.96.0.10:8080/",
-    ] {
-        let body = curl(&t.client, url);
-        assert!(body.starts_with("hello from"), "{body}");
-    }
+    three_mesh_requests(&t.client);
     let lines = wait_for(Duration::from_secs(20), || {
         let l: Vec<String> = etp
             .log_text()
@@ -502,14 +507,7 @@ fn kernel_handoffs_without_flow_log_are_counted_by_the_ruleset() {
         ..opts()
     };
     let etp = start_etp_with(&t.router, &cfg("kernel", false, ""), o);
-    for url in [
-        "http://10.96.0.10:8080/",
-        "http://[fd00:10:96::a]:8080/",
-        "http://10.96.0.10:8080/",
-    ] {
-        let body = curl(&t.client, url);
-        assert!(body.starts_with("hello from"), "{body}");
-    }
+    three_mesh_requests(&t.client);
     assert_eq!(standin_lines(&log).len(), 3);
     let want = r#"etp_kernel_handoffs{route="mesh"}"#;
     let counted = wait_for(Duration::from_secs(10), || {

@@ -7,6 +7,7 @@
 //! established flows keep reaching etp), stops accepting, drains up to the deadline, then
 //! removes etp's table, rules and routes (unless `fail_closed`).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,7 +23,7 @@ use crate::dataplane::{Dataplane, FlowPolicy, ListenError, Listeners, UNMATCHED}
 use crate::handoff_flows::{self, FlowLog};
 use crate::health::{self, Probe};
 use crate::kernel::{Change, Kernel, KernelError, Monitor};
-use crate::metrics::{FlowLabels, Metrics, RefusalLabels, ResultLabels};
+use crate::metrics::{FlowLabels, Metrics, RefusalLabels, ResultLabels, RouteLabels};
 use crate::model::{Desired, Proto};
 use crate::plan;
 use crate::plan_handoff::ProxyState;
@@ -134,6 +135,22 @@ struct Daemon {
     /// config that hands flows over in the kernel when the log level asks for flow lines
     /// (`handoff_flows::wanted`); it then runs until etp stops.
     flow_log: Option<FlowLog>,
+}
+
+/// Adds up the packets of each comment under its label, each comment counted once (several
+/// planned rules share one), as a gauge value.
+fn sum_per_label<'a, L: std::hash::Hash + Eq>(
+    by_comment: &HashMap<&str, u64>,
+    rules: impl Iterator<Item = (&'a str, L)>,
+) -> HashMap<L, i64> {
+    let mut seen = std::collections::HashSet::new();
+    let mut sums: HashMap<L, u64> = HashMap::new();
+    for (comment, label) in rules.filter(|(c, _)| seen.insert(*c)) {
+        *sums.entry(label).or_default() += by_comment.get(comment).copied().unwrap_or(0);
+    }
+    sums.into_iter()
+        .map(|(l, n)| (l, i64::try_from(n).unwrap_or(i64::MAX)))
+        .collect()
 }
 
 /// One probe before the first apply, so that the first ruleset already follows the proxy.
@@ -500,46 +517,49 @@ impl Daemon {
                 return;
             }
         };
-        let mut sums: std::collections::HashMap<RefusalLabels, u64> = Default::default();
-        let mut seen = std::collections::HashSet::new();
-        // A route's IPv4 and IPv6 rules share a comment: each comment is read once.
-        for r in refusals.iter().filter(|r| seen.insert(r.comment.clone())) {
-            let labels = RefusalLabels {
-                route: r.route.clone(),
-                proto: match r.proto {
+        // Per comment, the packets of every rule that carries it (a route's IPv4 and IPv6 rules
+        // share a comment).
+        let mut by_comment: HashMap<&str, u64> = HashMap::new();
+        for (comment, packets) in &counters {
+            *by_comment.entry(comment.as_str()).or_default() += packets;
+        }
+        let refused = sum_per_label(
+            &by_comment,
+            refusals.iter().map(|r| {
+                let proto = match r.proto {
                     Proto::Tcp => "tcp",
                     Proto::Udp => "udp",
-                },
-                reason: r.reason,
-            };
-            let packets: u64 = counters
-                .iter()
-                .filter(|(c, _)| *c == r.comment)
-                .map(|(_, p)| p)
-                .sum();
-            *sums.entry(labels).or_default() += packets;
-        }
-        for (labels, packets) in sums {
+                };
+                let labels = RefusalLabels {
+                    route: r.route.clone(),
+                    proto,
+                    reason: r.reason,
+                };
+                (r.comment.as_str(), labels)
+            }),
+        );
+        for (labels, packets) in refused {
             self.metrics
                 .kernel_refused
                 .get_or_create(&labels)
-                .set(i64::try_from(packets).unwrap_or(i64::MAX));
+                .set(packets);
         }
-        let mut sums: std::collections::HashMap<String, u64> = Default::default();
-        let mut seen = std::collections::HashSet::new();
-        for (comment, route) in handoffs.iter().filter(|(c, _)| seen.insert(c.clone())) {
-            let packets: u64 = counters
-                .iter()
-                .filter(|(c, _)| c == comment)
-                .map(|(_, p)| p)
-                .sum();
-            *sums.entry(route.clone()).or_default() += packets;
-        }
-        for (route, packets) in sums {
+        let handed = sum_per_label(
+            &by_comment,
+            handoffs.iter().map(|(comment, route)| {
+                (
+                    comment.as_str(),
+                    RouteLabels {
+                        route: route.clone(),
+                    },
+                )
+            }),
+        );
+        for (labels, packets) in handed {
             self.metrics
                 .kernel_handoffs
-                .get_or_create(&crate::metrics::RouteLabels { route })
-                .set(i64::try_from(packets).unwrap_or(i64::MAX));
+                .get_or_create(&labels)
+                .set(packets);
         }
     }
 

@@ -159,14 +159,8 @@ pub fn handoff_counters(desired: &crate::model::Desired) -> Vec<(String, String)
         .flat_map(|c| &c.rules)
         .filter(|r| matches!(r.verdict, Verdict::CtMarkAccept { .. }))
         .map(|r| {
-            // Route comments are `etp route NAME: tcp -> linkerd ...` (`Route::comment`).
-            let route = r
-                .comment
-                .strip_prefix("etp route ")
-                .and_then(|rest| rest.rsplit_once(": tcp -> "))
-                .map(|(name, _)| name.to_string())
-                .unwrap_or_default();
-            (r.comment.clone(), route)
+            let route = Route::name_in_comment(&r.comment, crate::model::Proto::Tcp);
+            (r.comment.clone(), route.unwrap_or_default().to_string())
         })
         .collect()
 }

@@ -219,13 +219,9 @@ pub fn refusals(desired: &Desired) -> Vec<Refusal> {
         let (Some(proto), Some(reason)) = (proto, reason) else {
             continue;
         };
-        // Route comments are `etp route NAME: PROTO -> ACTION ...` (`Route::comment`).
-        let route = r
-            .comment
-            .strip_prefix("etp route ")
-            .and_then(|rest| rest.rsplit_once(&format!(": {proto} -> ")))
-            .map(|(name, _)| name.to_string())
-            .unwrap_or_default();
+        let route = crate::config::Route::name_in_comment(&r.comment, proto)
+            .unwrap_or_default()
+            .to_string();
         out.push(Refusal {
             comment: r.comment.clone(),
             route,

@@ -224,6 +224,15 @@ impl Route {
         format!("etp route {}: {} -> {}", self.name, proto, self.action)
     }
 
+    /// The route name in a comment [`Route::comment`] wrote for `proto` (suffixes after the
+    /// action included), or `None` for etp's fixed rules.
+    pub fn name_in_comment(comment: &str, proto: Proto) -> Option<&str> {
+        comment
+            .strip_prefix("etp route ")?
+            .rsplit_once(&format!(": {proto} -> "))
+            .map(|(name, _)| name)
+    }
+
     /// One line for `etp check` and `etp status`:
     /// `NAME: tcp+udp -> ACTION (N destinations, M port ranges[, K sources])`.
     pub fn summary(&self) -> String {
