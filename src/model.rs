@@ -325,6 +325,30 @@ pub enum Match {
     OverLimit(SourceLimit),
 }
 
+impl Match {
+    /// Whether the kernel needs connection tracking to evaluate it (nf_tables takes a conntrack
+    /// reference for the namespace when such an expression is added).
+    pub fn uses_conntrack(&self) -> bool {
+        match self {
+            Match::CtEstablished | Match::CtMarkAny { .. } | Match::CtUnconfirmed => true,
+            Match::CtReply => true,
+            Match::OverLimit(l) => matches!(l.limit, Limit::CountOver(_)),
+            Match::Mark { .. }
+            | Match::SkUid(_)
+            | Match::Daddr { .. }
+            | Match::Saddr { .. }
+            | Match::L4Proto(_)
+            | Match::Dport { .. }
+            | Match::SocketTransparent
+            | Match::TcpSyn
+            | Match::NfProto(_)
+            | Match::FibDaddrType(_)
+            | Match::DportIs { .. }
+            | Match::SaddrNotIn { .. } => false,
+        }
+    }
+}
+
 /// `fib daddr type` values (the kernel's RTN_* route types).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AddrType {
@@ -427,6 +451,22 @@ pub enum Verdict {
     RejectTcp,
     /// `dnat ip to ADDR:PORT` / `dnat ip6 to [ADDR]:PORT` (the kernel hand-off)
     Dnat { addr: IpAddr, port: u16 },
+}
+
+impl Verdict {
+    /// Whether the kernel needs connection tracking for it (ct mark, NAT).
+    pub fn uses_conntrack(&self) -> bool {
+        match self {
+            Verdict::CtMarkAccept { .. } | Verdict::Dnat { .. } | Verdict::Redirect { .. } => true,
+            Verdict::Return
+            | Verdict::Accept
+            | Verdict::MarkAccept(_)
+            | Verdict::Tproxy { .. }
+            | Verdict::SetMark(_)
+            | Verdict::Drop
+            | Verdict::RejectTcp => false,
+        }
+    }
 }
 
 /// A rule: matches, a counter, a verdict and a comment naming what it serves.

@@ -302,19 +302,9 @@ fn replies_leave_first(cfg: &Config, chains: &mut [Chain]) {
 /// for nat chains and for every `ct` expression).
 fn tracks_connections(c: &Chain) -> bool {
     c.kind == ChainType::Nat
-        || c.rules.iter().any(|r| {
-            matches!(
-                r.verdict,
-                Verdict::CtMarkAccept { .. } | Verdict::Dnat { .. } | Verdict::Redirect { .. }
-            ) || r.matches.iter().any(|m| match m {
-                Match::CtUnconfirmed
-                | Match::CtEstablished
-                | Match::CtMarkAny { .. }
-                | Match::CtReply => true,
-                Match::OverLimit(l) => matches!(l.limit, crate::model::Limit::CountOver(_)),
-                _ => false,
-            })
-        })
+        || c.rules
+            .iter()
+            .any(|r| r.verdict.uses_conntrack() || r.matches.iter().any(Match::uses_conntrack))
 }
 
 /// One ip rule per family: tproxy-marked packets look up etp's route table.
